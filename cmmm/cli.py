@@ -1,0 +1,262 @@
+"""The ``cmmm`` command line.
+
+Every ``CmmmError`` ends the command with a one-line message on stderr and exit code 2, never a
+traceback: the message says what was wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from cmmm.errors import CmmmError, ConfigError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Continual learning when modalities go missing.",
+)
+data_app = typer.Typer(no_args_is_help=True, help="Fetch and inspect data sets.")
+benchmark_app = typer.Typer(no_args_is_help=True, help="Measure speed.")
+app.add_typer(data_app, name="data")
+app.add_typer(benchmark_app, name="benchmark")
+
+console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def reports_errors(command: F) -> F:
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except CmmmError as error:
+            console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """``-o key=value`` pairs; values are read as JSON where possible (numbers, booleans)."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--option {pair!r}: write key=value")
+        try:
+            options[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            options[key] = raw
+    return options
+
+
+def summary_table(results: dict[str, Any]) -> Table:
+    tasks = results["stream"]["tasks"]
+    strategy = results["strategy"]["name"]
+    table = Table(
+        title=f"{results['stream']['name']} / {strategy}: accuracy (%) on each task "
+        "(columns) after training each step (rows)"
+    )
+    table.add_column("after step")
+    for task in tasks:
+        table.add_column(task["code"], justify="right")
+    matrix = results["matrix"]
+    for step, row in enumerate(matrix):
+        label = (
+            "joint (all tasks)"
+            if results["strategy"]["joint"]
+            else f"{step + 1}: {tasks[step]['name']}"
+        )
+        table.add_row(label, *("" if v is None else f"{v:.1f}" for v in row))
+    return table
+
+
+def format_metric(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+@app.command()
+@reports_errors
+def run(
+    stream: Annotated[
+        str, typer.Option(help="synthetic, synthetic-cls, mosi, mosi-pkl, iemocap, sims")
+    ] = "synthetic",
+    strategy: Annotated[
+        str, typer.Option(help="a registered strategy (naive, joint, ...)")
+    ] = "naive",
+    epochs: Annotated[
+        int | None, typer.Option(help="epochs per task [stream default: 30 real, 5 synthetic]")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="training mini-batch size")] = 64,
+    lr: Annotated[float, typer.Option(help="Adam learning rate")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="seed for pre-training, training and task data")] = 0,
+    task_order: Annotated[
+        str,
+        typer.Option(
+            help="'default', 1-based indices '1,3,2' or present-modality codes 'avt,vt,t'"
+        ),
+    ] = "default",
+    task_data: Annotated[
+        str,
+        typer.Option(
+            help="'full': every task sees the whole train split; 'disjoint': one partition per task"
+        ),
+    ] = "full",
+    pretrain_epochs: Annotated[
+        int | None, typer.Option(help="epochs of full-modality pre-training (cached)")
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="directory holding <stream>/ data [env CMMM_DATA_DIR, else ./data]"),
+    ] = None,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="built data sets and pre-trained backbones [env CMMM_CACHE_DIR, else ./.cache]"
+        ),
+    ] = None,
+    out: Annotated[
+        Path, typer.Option(help="runs are written to OUT/<stream>-<strategy>-seed<seed>-<key>/")
+    ] = Path("runs"),
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda[:N]")] = "auto",
+    option: Annotated[
+        list[str] | None,
+        typer.Option("--option", "-o", help="strategy option key=value (repeatable)"),
+    ] = None,
+) -> None:
+    """Train one strategy on one missing-modality stream and score it after every task."""
+    from cmmm.running import RunConfig
+    from cmmm.running import run as run_config
+
+    config = RunConfig(
+        stream=stream,
+        strategy=strategy,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        task_order=task_order,
+        task_data=task_data,
+        pretrain_epochs=pretrain_epochs,
+        out=str(out),
+        device=device,
+        strategy_options=parse_options(option or []),
+    )
+    if data_dir is not None:
+        config.data_dir = str(data_dir)
+    if cache_dir is not None:
+        config.cache_dir = str(cache_dir)
+    config = config.resolved()
+    num_steps = 1 if strategy == "joint" else None
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+        bar = progress.add_task("loading", total=None, loss="-")
+
+        def on_epoch(step: int, epoch: int, loss: float) -> None:
+            progress.update(
+                bar, advance=1, loss=f"{loss:.4f}", description=f"step {step + 1} epoch {epoch + 1}"
+            )
+
+        def on_step(step: int, per_task: list[dict[str, float]]) -> None:
+            mean = sum(m["acc"] for m in per_task[: step + 1]) / (step + 1)
+            progress.console.print(
+                f"after step {step + 1}: accuracy on tasks seen so far {mean:.2f}%", highlight=False
+            )
+
+        def log(message: str) -> None:
+            progress.console.print(message, highlight=False)
+
+        def start_training(total_epochs: int) -> None:
+            progress.update(bar, total=total_epochs, completed=0, description="training")
+
+        results = run_config(
+            config, log=log, on_epoch=on_epoch, on_step=on_step, on_start=start_training
+        )
+    del num_steps
+    out_console = Console()
+    out_console.print(summary_table(results))
+    out_console.print(
+        f"AA {format_metric(results['aa'])}  FM {format_metric(results['fm'])}  "
+        f"BWT {format_metric(results['bwt'])}  trainable parameters "
+        f"{results['parameters']['trainable']:,} / {results['parameters']['total']:,}  "
+        f"wall time {results['wall_time_seconds']:.1f} s",
+        highlight=False,
+    )
+    out_console.print(f"results: {Path(results['run_dir']) / 'results.json'}", highlight=False)
+
+
+@data_app.command("download")
+@reports_errors
+def data_download(
+    name: Annotated[str, typer.Argument(help="data set to fetch (mosi)")],
+    data_dir: Annotated[
+        Path | None, typer.Option(help="where <name>/ is created [env CMMM_DATA_DIR, else ./data]")
+    ] = None,
+    source: Annotated[
+        str | None,
+        typer.Option(
+            "--from", help="a local mirror: directory or base URL laid out like the public files"
+        ),
+    ] = None,
+) -> None:
+    """Fetch a data set's published files, verify every sha256, and install them all or none."""
+    import os
+
+    from streams.download import download_dataset
+
+    target_root = data_dir or Path(os.environ.get("CMMM_DATA_DIR", "data"))
+    target = download_dataset(
+        name, target_root, source=source, log=lambda m: console.print(m, highlight=False)
+    )
+    console.print(f"{name}: all files verified in {target}", highlight=False)
+
+
+@benchmark_app.command("overhead")
+@reports_errors
+def benchmark_overhead(
+    stream: Annotated[str, typer.Option(help="stream to train on")] = "mosi",
+    epochs: Annotated[int, typer.Option(help="epochs per task")] = 30,
+    batch_size: Annotated[int, typer.Option()] = 64,
+    seed: Annotated[int, typer.Option()] = 0,
+    data_dir: Annotated[Path | None, typer.Option()] = None,
+    cache_dir: Annotated[Path | None, typer.Option()] = None,
+) -> None:
+    """Time `naive` through Avalanche against the same training in a plain PyTorch loop."""
+    from cmmm.overhead_benchmark import measure_overhead
+
+    report = measure_overhead(
+        stream=stream,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        data_dir=data_dir,
+        cache_dir=cache_dir,
+        log=lambda m: console.print(m, highlight=False),
+    )
+    Console().print(report.table())
+
+
+def main() -> None:  # pragma: no cover - console script entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,343 @@
+"""One continual run: load the stream, pre-train (cached), train a strategy, score, write.
+
+Every strategy goes through the same ``run``: the same pre-trained backbone, the same tasks in
+the same order, and the same evaluator after every experience. That is what makes comparisons
+between strategies fair.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import random
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cmmm.errors import ConfigError
+from cmmm.evaluation import EvalTask, Evaluator
+from cmmm.pretraining import backbone_config_for, pretrained_backbone, task_criterion
+from streams.catalog import STREAMS
+from streams.missing_stream import MissingModalityStream, build_stream
+from streams.patterns import parse_task_order
+
+# method.md's training protocol: Adam, batch 64, 30 epochs per task.
+PAPER_DEFAULTS = {"epochs": 30, "pretrain_epochs": 30}
+
+
+@dataclass
+class RunConfig:
+    stream: str = "synthetic"
+    strategy: str = "naive"
+    # None: the stream's recommended value (the paper's 30 for real data, fewer for synthetic).
+    epochs: int | None = None
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    lr: float = 1e-3
+    seed: int = 0
+    task_order: str = "default"
+    task_data: str = "full"
+    pretrain_epochs: int | None = None
+    data_dir: str = field(default_factory=lambda: os.environ.get("CMMM_DATA_DIR", "data"))
+    out: str = "runs"
+    # Built datasets and pre-trained backbones; never inside the data directory, which may be
+    # shared and read-only.
+    cache_dir: str = field(default_factory=lambda: os.environ.get("CMMM_CACHE_DIR", ".cache"))
+    device: str = "auto"
+    strategy_options: dict[str, Any] = field(default_factory=dict)
+
+    def resolved(self) -> RunConfig:
+        """A copy with every unset value filled from the stream's defaults (then the paper's)."""
+        defaults = {**PAPER_DEFAULTS, **STREAMS.get(self.stream).defaults}
+        filled = {
+            k: defaults[k] if v is None and k in defaults else v for k, v in asdict(self).items()
+        }
+        return RunConfig(**filled).validate()
+
+    def validate(self) -> RunConfig:
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            value = getattr(self, name)
+            if value is None or value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.pretrain_epochs is None or self.pretrain_epochs < 0:
+            raise ConfigError(f"--pretrain-epochs must be >= 0, got {self.pretrain_epochs}")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ConfigError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
+        return self
+
+    def key(self) -> str:
+        """Short hash of everything that changes the result (not where it is written)."""
+        material = {
+            k: v
+            for k, v in asdict(self).items()
+            if k not in ("out", "data_dir", "cache_dir", "device")
+        }
+        return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:10]
+
+    def run_dir(self) -> Path:
+        return Path(self.out) / f"{self.stream}-{self.strategy}-seed{self.seed}-{self.key()}"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine; use cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so a crash leaves the previous file intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def environment_record() -> dict[str, Any]:
+    versions = {}
+    for package in ("cmmm", "torch", "avalanche-lib", "numpy", "torchmetrics", "transformers"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    try:
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                cwd=Path(__file__).resolve().parent,
+            ).stdout.strip()
+            or None
+        )
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"versions": versions, "python": platform.python_version(), "commit": commit}
+
+
+def load_stream(config: RunConfig, log: Callable[[str], None]) -> MissingModalityStream:
+    entry = STREAMS.get(config.stream)
+    dataset = entry.factory(Path(config.data_dir), Path(config.cache_dir), log)
+    order = parse_task_order(config.task_order, dataset.modalities)
+    return build_stream(dataset, order, task_data=config.task_data, seed=config.seed)  # type: ignore[arg-type]
+
+
+class TrainingMonitor:
+    """An Avalanche plugin that reports per-epoch training loss to TensorBoard and the display."""
+
+    def __init__(self, writer: Any, on_epoch: Callable[[int, int, float], None]) -> None:
+        from avalanche.core import SupervisedPlugin
+
+        monitor = self
+
+        class _Plugin(SupervisedPlugin):
+            def before_training_epoch(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+                monitor._sum, monitor._n = 0.0, 0
+
+            def after_training_iteration(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+                batch = len(strategy.mb_y)
+                monitor._sum += float(strategy.loss.detach()) * batch
+                monitor._n += batch
+
+            def after_training_epoch(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+                loss = monitor._sum / max(monitor._n, 1)
+                writer.add_scalar(f"train_loss/step{monitor.step}", loss, monitor.epoch)
+                writer.add_scalar("train_loss/all", loss, monitor.global_epoch)
+                on_epoch(monitor.step, monitor.epoch, loss)
+                monitor.epoch += 1
+                monitor.global_epoch += 1
+
+        self.plugin = _Plugin()
+        self.step = 0
+        self.epoch = 0
+        self.global_epoch = 0
+        self._sum, self._n = 0.0, 0
+
+    def start_step(self, step: int) -> None:
+        self.step, self.epoch = step, 0
+
+
+def run(
+    config: RunConfig,
+    log: Callable[[str], None] = print,
+    on_epoch: Callable[[int, int, float], None] | None = None,
+    on_step: Callable[[int, list[dict[str, float]]], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Run one configuration end to end and write ``results.json`` and TensorBoard events."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from strategies import STRATEGIES
+
+    config = config.resolved()
+    strategy_entry = STRATEGIES.get(config.strategy)
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    seed_everything(config.seed)
+    stream = load_stream(config, log)
+    dataset = stream.dataset
+    backbone, pretrain_record = pretrained_backbone(
+        stream,
+        backbone_config_for(dataset),
+        epochs=config.pretrain_epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        seed=config.seed,
+        cache_dir=Path(config.cache_dir) / "pretrained",
+        device=device,
+        log=log,
+    )
+    total_backbone = count_parameters(backbone, trainable_only=False)
+    seed_everything(config.seed)
+    strategy = strategy_entry.factory(**config.strategy_options)
+    run_dir = config.run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+    monitor = TrainingMonitor(writer, on_epoch or (lambda *_: None))
+    from strategies.base import StrategyContext
+
+    ctx = StrategyContext(
+        model=backbone,
+        stream=stream,
+        criterion=task_criterion(dataset),
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        eval_batch_size=config.eval_batch_size,
+        lr=config.lr,
+        device=device,
+        plugins=[monitor.plugin],
+    )
+    template = strategy.build(ctx)
+    model: nn.Module = template.model
+    evaluator = Evaluator(
+        [EvalTask(task.name, task.test) for task in stream.tasks],
+        family=dataset.metric_family,
+        num_classes=dataset.num_classes,
+        batch_size=config.eval_batch_size,
+        device=device,
+        num_steps=1 if strategy.joint else len(stream.tasks),
+    )
+    benchmark = stream.avalanche_benchmark()
+    train_seconds = 0.0
+    if on_start is not None:
+        on_start(config.epochs * (1 if strategy.joint else len(stream.tasks)))
+
+    def score(step: int) -> None:
+        per_task = evaluator.evaluate_and_record(step, model)
+        for task, metrics in zip(stream.tasks, per_task, strict=True):
+            writer.add_scalar(f"acc/{task.code}", metrics["acc"], step)
+        summary = evaluator.summary()
+        writer.add_scalar(
+            "aa_so_far", float(np.mean([m["acc"] for m in per_task[: step + 1]])), step
+        )
+        if summary["fm"] is not None:
+            writer.add_scalar("fm", summary["fm"], step)
+        if on_step is not None:
+            on_step(step, per_task)
+
+    if strategy.joint:
+        tick = time.perf_counter()
+        template.train(benchmark.train_stream)
+        train_seconds += time.perf_counter() - tick
+        score(0)
+    else:
+        for step, experience in enumerate(benchmark.train_stream):
+            monitor.start_step(step)
+            tick = time.perf_counter()
+            template.train(experience)
+            train_seconds += time.perf_counter() - tick
+            score(step)
+
+    summary = evaluator.summary()
+    trainable = count_parameters(model, trainable_only=True)
+    results = {
+        "config": asdict(config),
+        "run_dir": str(run_dir),
+        "stream": {
+            "name": dataset.name,
+            "source": dataset.source,
+            "modalities": list(dataset.modalities),
+            "layout": stream.layout.describe(),
+            "task_data": stream.task_data,
+            "tasks": [
+                {
+                    "index": t.index,
+                    "name": t.name,
+                    "code": t.code,
+                    "pattern": list(t.pattern),
+                    "train_samples": len(t.train),
+                    "test_samples": len(t.test),
+                }
+                for t in stream.tasks
+            ],
+        },
+        "strategy": {
+            "name": config.strategy,
+            "joint": strategy.joint,
+            "options": strategy.options(),
+        },
+        "pretraining": pretrain_record,
+        **{
+            k: summary[k]
+            for k in (
+                "metric_family",
+                "matrix",
+                "aa",
+                "fm",
+                "bwt",
+                "aa_so_far",
+                "per_task_final",
+                "history",
+            )
+        },
+        "parameters": {
+            "trainable": trainable,
+            "total": count_parameters(model, trainable_only=False),
+            "backbone": total_backbone,
+            "trainable_share_of_backbone": trainable / total_backbone,
+        },
+        "device": str(device),
+        "wall_time_seconds": time.perf_counter() - started,
+        "train_time_seconds": train_seconds,
+        "environment": environment_record(),
+    }
+    writer.add_hparams(
+        {k: v for k, v in asdict(config).items() if isinstance(v, int | float | str)},
+        {"hparam/aa": summary["aa"] or 0.0, "hparam/fm": summary["fm"] or 0.0},
+        run_name=".",
+    )
+    writer.close()
+    atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2))
+    return results

@@ -1,0 +1,73 @@
+"""What every strategy is: a named class that builds an Avalanche training template.
+
+Every strategy shares the runner's loop over experiences and its evaluator (``cmmm.running``);
+a strategy only says how to build the Avalanche template (which Avalanche strategy, which plugins,
+which parameters train) and whether it trains on the stream one experience at a time or jointly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from cmmm.registry import Registry
+from streams.missing_stream import MissingModalityStream
+
+
+@dataclass
+class StrategyContext:
+    """Everything the runner hands a strategy when it builds the template."""
+
+    model: nn.Module
+    stream: MissingModalityStream
+    criterion: nn.Module
+    epochs: int
+    batch_size: int
+    eval_batch_size: int
+    lr: float
+    device: torch.device
+    plugins: list[Any] = field(default_factory=list)
+
+    def adam(self, parameters: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.Adam(parameters, lr=self.lr)
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """Arguments every Avalanche template gets, identical across strategies."""
+        from avalanche.training.plugins import EvaluationPlugin
+
+        return {
+            "criterion": self.criterion,
+            "train_mb_size": self.batch_size,
+            "train_epochs": self.epochs,
+            "eval_mb_size": self.eval_batch_size,
+            "device": self.device,
+            "plugins": list(self.plugins),
+            # Scoring is done by cmmm's own evaluator after each experience; Avalanche's default
+            # evaluator would print and compute metrics that mean something else here.
+            "evaluator": EvaluationPlugin(loggers=[]),
+        }
+
+
+class Strategy:
+    """Base of every registered strategy. Subclasses set ``joint`` and implement ``build``."""
+
+    # True: trained once on all experiences together (an upper bound), evaluated once.
+    joint: ClassVar[bool] = False
+
+    def __init__(self, **options: Any) -> None:
+        if options:
+            raise TypeError(f"{type(self).__name__} takes no options, got {sorted(options)}")
+
+    def build(self, ctx: StrategyContext) -> Any:
+        raise NotImplementedError
+
+    def options(self) -> dict[str, Any]:
+        return {}
+
+
+StrategyFactory = Callable[..., Strategy]
+STRATEGIES: Registry[StrategyFactory] = Registry("strategy")

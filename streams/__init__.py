@@ -1,0 +1,1 @@
+"""Datasets and the missing-case streams built from them."""

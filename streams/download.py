@@ -1,0 +1,168 @@
+"""Fetch a dataset's published files into ``<data_dir>/<name>``, verified, all or nothing.
+
+Every file is fetched into a staging directory beside the target and checked against its
+published sha256 and size. Only when all of them are verified are they moved into place, so a
+failed, truncated or tampered download leaves the target exactly as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+from cmmm.errors import ConfigError, DownloadError
+from streams.mosi import MOSI_DIRNAME, MOSI_FILES, MosiFile, file_sha256
+
+Log = Callable[[str], None]
+
+DOWNLOADABLE: dict[str, Sequence[MosiFile]] = {MOSI_DIRNAME: MOSI_FILES}
+# Datasets with no public file to fetch: the user supplies the published pickles.
+USER_SUPPLIED: dict[str, str] = {
+    "iemocap": "MulT's iemocap_data.pkl (linked from the MulT repository README)",
+    "sims": "MMSA's CH-SIMS unaligned_39.pkl (from the MMSA dataset release)",
+}
+_URL_SCHEMES = ("http", "https", "file")
+_CHUNK = 1 << 20
+_TIMEOUT_SECONDS = 60
+
+
+def download_dataset(
+    name: str, data_dir: Path, source: str | None = None, log: Log = print
+) -> Path:
+    """Download dataset ``name`` into ``<data_dir>/<name>`` and return that directory.
+
+    ``source`` replaces the public addresses: a base URL (``http://``, ``https://``,
+    ``file://``) or a local directory, under which the files live at the same relative paths
+    as in ``<data_dir>/<name>``. Files already present with the right checksum are kept.
+    """
+    key = name.strip().lower()
+    if key in USER_SUPPLIED:
+        raise ConfigError(
+            f"{name} has no public download: it comes from {USER_SUPPLIED[key]}, a pickle you "
+            f"supply yourself; place it in {Path(data_dir) / key}/. "
+            f"Downloadable datasets: {', '.join(sorted(DOWNLOADABLE))}"
+        )
+    if key not in DOWNLOADABLE:
+        known = sorted(DOWNLOADABLE) + [f"{n} (user-supplied pickle)" for n in USER_SUPPLIED]
+        raise ConfigError(f"unknown dataset {name!r}; known datasets: {', '.join(known)}")
+    files = DOWNLOADABLE[key]
+    data_dir = Path(data_dir)
+    target = data_dir / key
+    if target.exists() and not target.is_dir():
+        raise DownloadError(f"{target} exists and is not a directory; move it away and retry")
+
+    needed = [f for f in files if not _already_verified(target / f.path, f)]
+    for f in files:
+        if f not in needed:
+            log(f"{key}: {f.path} already present and verified")
+    if not needed:
+        log(f"{key}: all {len(files)} files present in {target}")
+        return target
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}.download-", dir=data_dir))
+    try:
+        for f in needed:
+            location = _location(f, source)
+            log(f"{key}: fetching {f.path} from {location}")
+            _fetch_verified(location, staging / f.path, f)
+        _install(staging, target, needed)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log(f"{key}: {len(needed)} files fetched and verified into {target}")
+    return target
+
+
+def _already_verified(path: Path, expected: MosiFile) -> bool:
+    return (
+        path.is_file()
+        and path.stat().st_size == expected.size
+        and file_sha256(path) == expected.sha256
+    )
+
+
+def _location(entry: MosiFile, source: str | None) -> str:
+    """Where to read ``entry`` from: its public URL, a URL under ``source``, or a local path."""
+    if source is None:
+        return entry.url
+    if urllib.parse.urlparse(source).scheme in _URL_SCHEMES:
+        return source.rstrip("/") + "/" + urllib.parse.quote(entry.path)
+    base = Path(source).expanduser()
+    if not base.is_dir():
+        raise DownloadError(
+            f"source {source} is neither a URL (http://, https://, file://) nor an existing "
+            "directory; give a directory laid out like <data_dir>/mosi or a base URL"
+        )
+    return str(base / entry.path)
+
+
+def _open(location: str) -> BinaryIO:
+    if urllib.parse.urlparse(location).scheme in _URL_SCHEMES:
+        return urllib.request.urlopen(location, timeout=_TIMEOUT_SECONDS)
+    return open(location, "rb")
+
+
+def _fetch_verified(location: str, dest: Path, expected: MosiFile) -> None:
+    """Copy ``location`` to ``dest``, raising DownloadError unless size and sha256 match."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    received = 0
+    try:
+        with _open(location) as response, open(dest, "wb") as out:
+            # Read at most one byte past the expected size: enough to tell "too long" without
+            # letting a hostile or wrong source fill the disk.
+            while received <= expected.size:
+                chunk = response.read(min(_CHUNK, expected.size + 1 - received))
+                if not chunk:
+                    break
+                digest.update(chunk)
+                out.write(chunk)
+                received += len(chunk)
+    except urllib.error.HTTPError as err:
+        raise DownloadError(
+            f"{expected.path}: HTTP {err.code} {err.reason} from {location} "
+            f"(expected sha256 {expected.sha256}); check the address or try again later"
+        ) from err
+    except (OSError, http.client.HTTPException, urllib.error.URLError) as err:
+        raise DownloadError(
+            f"{expected.path}: could not read {location} ({err}) "
+            f"(expected sha256 {expected.sha256}); check the source and try again"
+        ) from err
+    actual = digest.hexdigest()
+    if received != expected.size:
+        got = f"{received} bytes" if received < expected.size else "more bytes than that"
+        raise DownloadError(
+            f"{expected.path}: download from {location} has the wrong size: expected "
+            f"{expected.size} bytes, got {got}; expected sha256 {expected.sha256}, actual sha256 "
+            f"{actual} (of what was read). Nothing was installed; try again or use another source"
+        )
+    if actual != expected.sha256:
+        raise DownloadError(
+            f"{expected.path}: checksum mismatch for {location}: expected sha256 "
+            f"{expected.sha256}, actual sha256 {actual}. Nothing was installed; the source "
+            "holds a different or corrupted file"
+        )
+
+
+def _install(staging: Path, target: Path, fetched: Sequence[MosiFile]) -> None:
+    """Move verified files from ``staging`` into ``target``."""
+    if not target.exists():
+        # One rename publishes the whole dataset at once. mkdtemp made the directory private.
+        os.chmod(staging, 0o755)
+        os.replace(staging, target)
+        return
+    # The target already holds verified files (and perhaps the loader's cache): replace only
+    # what was fetched, each file atomically.
+    for f in fetched:
+        dest = target / f.path
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / f.path, dest)

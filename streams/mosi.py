@@ -1,0 +1,663 @@
+"""The real CMU-MOSI stream: bc-LSTM utterance features joined with the SDK's continuous labels.
+
+Layout expected under ``<data_dir>/mosi/`` (what ``cmmm data download mosi`` produces):
+
+- ``bc-LSTM/data/{audio,video,text}/<modality>_{train,test}0.csv``: one utterance vector per
+  row, the last column the bc-LSTM binary label;
+- ``bc-LSTM/data/text_{train,test}.csv``: column 0 is the row index into ``transcripts.csv``,
+  which names the utterance (``<video>_<k>``) behind each row;
+- ``labels/CMU_MOSI_Opinion_Labels.csd``: HDF5 from the CMU Multimodal SDK with the continuous
+  sentiment of every segment.
+
+Joining the two: utterance ``<video>_<k>`` is the k-th row (1-based) of
+``Opinion Segment Labels/data/<video>`` *in the order the file stores them*. Sorting the segments
+by interval start instead, as one might expect, reorders two videos (``VbQk4H8hgr0``,
+``d6hH302o4v8``) whose stored order is not chronological; the transcripts show the stored order
+is the right one (for example ``VbQk4H8hgr0_33`` "A FEW MOMENTS ... ORIGINAL AND FUNNY" gets +0.4
+in stored order, -2.8 in time order), and with it the sign agrees with the binary label
+(``label >= 0`` is positive) for all 2199 utterances, against 2193 in time order.
+
+The split is the bc-LSTM train/test one (speaker independent: the text and video extractors were
+trained on its train rows). Validation is a handful of whole train videos picked by a seeded
+generator. The CMU standard folds must never be used with these features (test leakage).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from cmmm.errors import ConfigError, DataError, DatasetNotFoundError
+from streams.base import MultimodalDataset, Split
+
+Log = Callable[[str], None]
+
+MOSI_DIRNAME = "mosi"
+MODALITIES: tuple[str, ...] = ("audio", "video", "text")
+SPLITS: tuple[str, ...] = ("train", "valid", "test")
+# The bc-LSTM files only have these two; "valid" is carved out of "train".
+SOURCE_SPLITS: tuple[str, ...] = ("train", "test")
+FEATURE_DIMS: dict[str, int] = {"audio": 73, "video": 100, "text": 100}
+LABEL_RANGE = (-3.0, 3.0)
+
+_BCLSTM_COMMIT = "111b401d867c14a1dcd930fd2b2ab58a5eca3f70"
+_BCLSTM_BASE = (
+    f"https://raw.githubusercontent.com/declare-lab/multimodal-deep-learning/{_BCLSTM_COMMIT}/"
+)
+_LABELS_URL = (
+    "https://raw.githubusercontent.com/worldreboot/audio-text-sentiment-analysis/"
+    "40df4d8e7ed1b120e2a36286d96b3b6968e00b13/cmumosi/CMU_MOSI_Opinion_Labels.csd"
+)
+
+
+class MosiFile(NamedTuple):
+    """One published file: where it lives under ``<data_dir>/mosi``, where to fetch it, checksum."""
+
+    path: str
+    url: str
+    sha256: str
+    size: int
+
+
+def _bclstm(path: str, sha256: str, size: int) -> MosiFile:
+    return MosiFile(f"bc-LSTM/{path}", _BCLSTM_BASE + path, sha256, size)
+
+
+# Checksums and sizes from SOURCES.md. The LICENSE has none there; its checksum is that of the
+# byte-identical copy in the shared data directory (MIT, DeCLaRe Lab), kept so the attribution
+# travels with the features.
+MOSI_FILES: tuple[MosiFile, ...] = (
+    _bclstm(
+        "data/transcripts.csv",
+        "e7689e6d70720addd2a6b316419d245a68839c32b014ff426c406063ee777466",
+        201361,
+    ),
+    _bclstm(
+        "data/text_train.csv",
+        "73770b6302ad0f7a51f4eddcae6788efde4d0b6802e09f78249d5b538d1c1d67",
+        1689050,
+    ),
+    _bclstm(
+        "data/text_test.csv",
+        "f3b735070bf07ceff7a6ef6c8f4c32757e988de484e35bd6d38b2aecef851a59",
+        889325,
+    ),
+    _bclstm(
+        "data/text/text_train0.csv",
+        "cc327045db6cc361a08b4037b97bb24de4ddb5efb381468c4835cc4a60674668",
+        2993906,
+    ),
+    _bclstm(
+        "data/text/text_test0.csv",
+        "a343e22272919d1384c2075dbcdd5fef5aa9f9366b0552a83f7c3147b64b047a",
+        1551145,
+    ),
+    _bclstm(
+        "data/audio/audio_train0.csv",
+        "5435398a54664e7b00304587dc59ae84a438852be033c2a2fba779588624a2a1",
+        1343911,
+    ),
+    _bclstm(
+        "data/audio/audio_test0.csv",
+        "ddd17eeefd3d951d51d4e2ef8a0d132652d8161e1886f71eb7262b7a14bffff6",
+        699228,
+    ),
+    _bclstm(
+        "data/video/video_train0.csv",
+        "b6efc0413132d627efd06f67f1706830e775e90af9a75696f535c48dbc73f12f",
+        1055454,
+    ),
+    _bclstm(
+        "data/video/video_test0.csv",
+        "cab836253d81100f59d533fa2ff65cd53c486be3ec9fd82203c5e25a7a77265f",
+        557378,
+    ),
+    MosiFile(
+        "bc-LSTM/LICENSE",
+        _BCLSTM_BASE + "LICENSE",
+        "7a4348bcc838ef3811ad96475d975869ba6104bfec46572b371fa34482defdb5",
+        1107,
+    ),
+    MosiFile(
+        "labels/CMU_MOSI_Opinion_Labels.csd",
+        _LABELS_URL,
+        "aef5f4617cdb067cc7606bb798eb6452c3de45f0f21cb3427be33c4d8c7fe852",
+        674712,
+    ),
+)
+
+TRANSCRIPTS = "bc-LSTM/data/transcripts.csv"
+LABELS_CSD = "labels/CMU_MOSI_Opinion_Labels.csd"
+CSD_DATA_GROUP = "Opinion Segment Labels/data"
+
+
+def index_file(split: str) -> str:
+    return f"bc-LSTM/data/text_{split}.csv"
+
+
+def modality_file(modality: str, split: str) -> str:
+    return f"bc-LSTM/data/{modality}/{modality}_{split}0.csv"
+
+
+# Every file the loader reads (the LICENSE is fetched but not needed to build the dataset).
+LOADER_FILES: tuple[str, ...] = (
+    TRANSCRIPTS,
+    *(index_file(s) for s in SOURCE_SPLITS),
+    *(modality_file(m, s) for m in MODALITIES for s in SOURCE_SPLITS),
+    LABELS_CSD,
+)
+
+_PUBLISHED = {f.path: f for f in MOSI_FILES}
+# Bump when the cached arrays change meaning, so old caches are ignored rather than misread.
+CACHE_FORMAT = 1
+# Below this share of agreeing signs the .csd cannot be the label file of these CSVs.
+MIN_SIGN_AGREEMENT = 0.95
+_UTTERANCE_ID = re.compile(r"^(?P<video>.+)_(?P<k>[1-9][0-9]*)$")
+
+
+def download_command(data_dir: Path) -> str:
+    return f"cmmm data download mosi --data-dir {data_dir}"
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def load_mosi(
+    data_dir: Path,
+    cache_dir: Path | None = None,
+    valid_videos: int = 10,
+    split_seed: int = 0,
+    log: Log = print,
+) -> MultimodalDataset:
+    """Load CMU-MOSI from ``<data_dir>/mosi``, building and caching the arrays on first use.
+
+    Features are left unstandardised (the model handles scale); the label and split statistics
+    are reported through ``log`` instead.
+    """
+    data_dir = Path(data_dir)
+    root = data_dir / MOSI_DIRNAME
+    if isinstance(valid_videos, bool) or not isinstance(valid_videos, int) or valid_videos < 1:
+        raise ConfigError(
+            "CMU-MOSI: valid_videos must be a positive whole number of videos, got "
+            f"{valid_videos!r}"
+        )
+    digests = source_digests(data_dir)
+    key = _cache_key(digests, valid_videos, split_seed)
+    cache_path = Path(cache_dir) if cache_dir is not None else root / ".cmmm-cache"
+    cache_file = cache_path / f"mosi-{key[:24]}.npz"
+
+    arrays = _read_cache(cache_file, key, log)
+    if arrays is not None:
+        try:
+            dataset = _to_dataset(arrays, root, valid_videos, split_seed).validate()
+        except DataError as err:
+            log(f"CMU-MOSI: ignoring unusable cache {cache_file} ({err}); rebuilding it")
+            arrays = None
+    if arrays is None:
+        differing = [p for p, d in digests.items() if d != _PUBLISHED[p].sha256]
+        if differing:
+            log(
+                "CMU-MOSI: these files differ from the published ones (sha256), using them as "
+                f"they are: {', '.join(differing)}"
+            )
+        arrays = _build_arrays(root, valid_videos, split_seed)
+        arrays["cache_key"] = np.array(key)
+        arrays["cache_format"] = np.array(CACHE_FORMAT)
+        _write_cache(cache_file, arrays, log)
+        dataset = _to_dataset(arrays, root, valid_videos, split_seed).validate()
+        origin = f"built from {root}"
+    else:
+        origin = f"loaded from cache {cache_file}"
+    for line in describe(dataset, origin):
+        log(line)
+    return dataset
+
+
+def source_digests(data_dir: Path) -> dict[str, str]:
+    """sha256 of every file the loader reads, by path relative to ``<data_dir>/mosi``.
+
+    Raises ``DatasetNotFoundError`` (with the command that fetches the data) if any is missing.
+    """
+    data_dir = Path(data_dir)
+    root = data_dir / MOSI_DIRNAME
+    if not root.is_dir():
+        raise DatasetNotFoundError(
+            f"CMU-MOSI not found: the directory {root} does not exist. "
+            f"Fetch the data with: {download_command(data_dir)}"
+        )
+    missing = [p for p in LOADER_FILES if not (root / p).is_file()]
+    if missing:
+        raise DatasetNotFoundError(
+            f"CMU-MOSI in {root} is incomplete: missing {', '.join(missing)}. "
+            f"Fetch the data with: {download_command(data_dir)}"
+        )
+    return {p: file_sha256(root / p) for p in LOADER_FILES}
+
+
+def mosi_cache_key(data_dir: Path, valid_videos: int = 10, split_seed: int = 0) -> str:
+    """The key under which ``load_mosi`` caches this data directory and split."""
+    return _cache_key(source_digests(data_dir), valid_videos, split_seed)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def describe(dataset: MultimodalDataset, origin: str) -> list[str]:
+    """Human-readable counts and label statistics per split (what ``load_mosi`` logs)."""
+    lines = [f"CMU-MOSI {origin}"]
+    for name, split in dataset.splits.items():
+        labels = split.labels.astype(np.float64)
+        videos = len(np.unique(split.groups)) if split.groups is not None else 0
+        lines.append(
+            f"  {name}: {len(split)} utterances, {videos} videos; labels mean "
+            f"{labels.mean():+.3f} std {labels.std():.3f} min {labels.min():+.2f} max "
+            f"{labels.max():+.2f}, positive {np.mean(labels > 0):.1%}, "
+            f"zero {int(np.sum(labels == 0))}"
+        )
+    agree, total = dataset.notes["sign_agreement"]  # type: ignore[misc]
+    lines.append(
+        f"  sign of the continuous label agrees with the bc-LSTM binary label (label >= 0 is "
+        f"positive) for {agree}/{total} utterances"
+    )
+    return lines
+
+
+# --------------------------------------------------------------------------------------------
+# Building
+
+
+def _build_arrays(root: Path, valid_videos: int, split_seed: int) -> dict[str, np.ndarray]:
+    transcript_ids, transcript_binary = _read_transcripts(root / TRANSCRIPTS)
+    segment_labels = _read_segment_labels(root / LABELS_CSD)
+
+    per_source: dict[str, dict[str, np.ndarray]] = {}
+    for split in SOURCE_SPLITS:
+        per_source[split] = _read_source_split(
+            root, split, transcript_ids, transcript_binary, segment_labels
+        )
+
+    train_videos = set(per_source["train"]["groups"].tolist())
+    test_videos = set(per_source["test"]["groups"].tolist())
+    shared = sorted(train_videos & test_videos)
+    if shared:
+        raise DataError(
+            f"CMU-MOSI in {root}: videos {', '.join(shared[:5])} have utterances in both "
+            f"{index_file('train')} and {index_file('test')}; the bc-LSTM split must be speaker "
+            "independent. Re-fetch the data with: cmmm data download mosi"
+        )
+    ids = np.concatenate([per_source[s]["utterance_ids"] for s in SOURCE_SPLITS])
+    if len(np.unique(ids)) != len(ids):
+        raise DataError(
+            f"CMU-MOSI in {root}: {index_file('train')} and {index_file('test')} name the same "
+            "utterance more than once. Re-fetch the data with: cmmm data download mosi"
+        )
+
+    ordered_train_videos = sorted(train_videos)
+    if valid_videos >= len(ordered_train_videos):
+        raise ConfigError(
+            f"CMU-MOSI: valid_videos={valid_videos} leaves no training video (the train rows "
+            f"hold {len(ordered_train_videos)} videos); choose fewer validation videos"
+        )
+    rng = np.random.default_rng(split_seed)
+    chosen = rng.choice(len(ordered_train_videos), size=valid_videos, replace=False)
+    held_out = np.array([ordered_train_videos[i] for i in sorted(chosen)])
+    in_valid = np.isin(per_source["train"]["groups"], held_out)
+
+    arrays: dict[str, np.ndarray] = {}
+    parts = {
+        "train": (per_source["train"], ~in_valid),
+        "valid": (per_source["train"], in_valid),
+        "test": (per_source["test"], np.ones(len(per_source["test"]["labels"]), dtype=bool)),
+    }
+    for split, (source, mask) in parts.items():
+        for name, values in source.items():
+            arrays[f"{split}.{name}"] = values[mask]
+
+    agree = sum(
+        int(np.sum((per_source[s]["labels"] >= 0) == (per_source[s]["binary"] == 1)))
+        for s in SOURCE_SPLITS
+    )
+    total = len(ids)
+    if agree < MIN_SIGN_AGREEMENT * total:
+        raise DataError(
+            f"CMU-MOSI in {root}: the continuous labels of {LABELS_CSD} agree in sign with the "
+            f"bc-LSTM binary labels for only {agree}/{total} utterances (2199/2199 for the "
+            "published files); the label file does not belong to these features. "
+            "Re-fetch the data with: cmmm data download mosi"
+        )
+    arrays["sign_agreement"] = np.array([agree, total], dtype=np.int64)
+    return arrays
+
+
+def _read_source_split(
+    root: Path,
+    split: str,
+    transcript_ids: list[str],
+    transcript_binary: np.ndarray,
+    segment_labels: Mapping[str, np.ndarray],
+) -> dict[str, np.ndarray]:
+    """Arrays of one bc-LSTM split, rows in file order."""
+    index_path = root / index_file(split)
+    index_rows = _read_numeric_csv(index_path, 1 + FEATURE_DIMS["text"], binary_last=False)
+    n = index_rows.shape[0]
+    row_index = index_rows[:, 0]
+    invalid = (row_index != np.round(row_index)) | (row_index < 0)
+    invalid |= row_index >= len(transcript_ids)
+    if invalid.any():
+        bad = int(np.flatnonzero(invalid)[0])
+        raise DataError(
+            f"{index_path}: row {bad + 1}: column 0 must be a row number of {TRANSCRIPTS} "
+            f"(0..{len(transcript_ids) - 1}), got {row_index[bad]!r}"
+        )
+    rows = row_index.astype(np.int64)
+    utterance_ids = [transcript_ids[i] for i in rows]
+    binary = transcript_binary[rows]
+
+    result: dict[str, np.ndarray] = {}
+    for modality in MODALITIES:
+        path = root / modality_file(modality, split)
+        table = _read_numeric_csv(path, FEATURE_DIMS[modality] + 1)
+        if table.shape[0] != n:
+            raise DataError(
+                f"{path}: {table.shape[0]} rows, but {index_path} has {n}; the two must list "
+                "the same utterances row by row (truncated or mixed-up file). "
+                "Re-fetch the data with: cmmm data download mosi"
+            )
+        file_binary = table[:, -1]
+        mismatch = np.flatnonzero(file_binary != binary)
+        if mismatch.size:
+            r = int(mismatch[0])
+            raise DataError(
+                f"{path}: row {r + 1}: binary label {file_binary[r]:g} disagrees with "
+                f"{TRANSCRIPTS} ({int(binary[r])}) for utterance {utterance_ids[r]} "
+                f"({mismatch.size} rows disagree); the files do not belong together. "
+                "Re-fetch the data with: cmmm data download mosi"
+            )
+        result[f"features.{modality}"] = table[:, None, :-1].astype(np.float32)
+
+    videos: list[str] = []
+    labels = np.empty(n, dtype=np.float32)
+    for r, utterance in enumerate(utterance_ids):
+        match = _UTTERANCE_ID.match(utterance)
+        assert match is not None  # _read_transcripts checked every id
+        video, k = match["video"], int(match["k"])
+        if video not in segment_labels:
+            raise DataError(
+                f"{root / LABELS_CSD}: no labels for video {video} (utterance {utterance}, "
+                f"row {r + 1} of {index_path}). Re-fetch the data with: cmmm data download mosi"
+            )
+        video_labels = segment_labels[video]
+        if k > len(video_labels):
+            raise DataError(
+                f"{root / LABELS_CSD}: video {video} has {len(video_labels)} segments, but "
+                f"utterance {utterance} (row {r + 1} of {index_path}) needs segment {k}. "
+                "Re-fetch the data with: cmmm data download mosi"
+            )
+        videos.append(video)
+        labels[r] = video_labels[k - 1]
+
+    result["labels"] = labels
+    result["binary"] = binary.astype(np.int8)
+    result["groups"] = np.array(videos, dtype=str)
+    result["utterance_ids"] = np.array(utterance_ids, dtype=str)
+    return result
+
+
+def _read_transcripts(path: Path) -> tuple[list[str], np.ndarray]:
+    """Utterance ids and binary labels of ``transcripts.csv`` (the text itself is not needed)."""
+    ids: list[str] = []
+    binary: list[int] = []
+    seen: set[str] = set()
+    for line, row in _csv_rows(path, 4):
+        utterance, label = row[0].strip(), row[3].strip()
+        if not _UTTERANCE_ID.match(utterance):
+            raise DataError(
+                f"{path}: line {line}: {utterance!r} is not an utterance id of the form "
+                "<video>_<k>. Re-fetch the data with: cmmm data download mosi"
+            )
+        if utterance in seen:
+            raise DataError(f"{path}: line {line}: utterance {utterance} is listed twice")
+        if label not in ("0", "1"):
+            raise DataError(
+                f"{path}: line {line}: the binary label (column 4) must be 0 or 1, got {label!r}"
+            )
+        seen.add(utterance)
+        ids.append(utterance)
+        binary.append(int(label))
+    if not ids:
+        raise DataError(
+            f"{path}: the file is empty. Re-fetch the data with: cmmm data download mosi"
+        )
+    return ids, np.array(binary, dtype=np.int8)
+
+
+def _read_segment_labels(path: Path) -> dict[str, np.ndarray]:
+    """Continuous label per segment of each video, in the order the .csd stores them."""
+    import h5py  # imported here so the rest of the project does not pay for it
+
+    labels: dict[str, np.ndarray] = {}
+    try:
+        with h5py.File(path, "r") as csd:
+            if CSD_DATA_GROUP not in csd:
+                raise DataError(
+                    f"{path}: no group {CSD_DATA_GROUP!r}; this is not the CMU-MOSI opinion "
+                    "label file. Re-fetch the data with: cmmm data download mosi"
+                )
+            for video, group in csd[CSD_DATA_GROUP].items():
+                if (
+                    not isinstance(group, h5py.Group)
+                    or "features" not in group
+                    or "intervals" not in group
+                ):
+                    raise DataError(
+                        f"{path}: {CSD_DATA_GROUP}/{video} must hold 'features' and 'intervals'"
+                    )
+                values = np.asarray(group["features"][()], dtype=np.float64)
+                intervals = np.asarray(group["intervals"][()])
+                if values.ndim != 2 or values.shape[1] != 1:
+                    raise DataError(
+                        f"{path}: {CSD_DATA_GROUP}/{video}/features must be (n, 1), got "
+                        f"{values.shape}"
+                    )
+                if intervals.shape != (values.shape[0], 2):
+                    raise DataError(
+                        f"{path}: {CSD_DATA_GROUP}/{video}/intervals must be ({values.shape[0]}, "
+                        f"2) like its features, got {intervals.shape}"
+                    )
+                values = values[:, 0]
+                low, high = LABEL_RANGE
+                if not np.all(np.isfinite(values)) or values.min() < low or values.max() > high:
+                    raise DataError(
+                        f"{path}: {CSD_DATA_GROUP}/{video}/features must be finite sentiment "
+                        f"scores in [{low:g}, {high:g}]"
+                    )
+                labels[video] = values.astype(np.float32)
+    except OSError as err:
+        raise DataError(
+            f"{path}: cannot be read as HDF5 ({err}). "
+            "Re-fetch the data with: cmmm data download mosi"
+        ) from err
+    return labels
+
+
+def _csv_rows(path: Path, columns: int):
+    """Yield (line number, fields) of a headerless CSV whose rows must have ``columns`` fields.
+
+    A single trailing empty field (a row ending with a comma) is dropped; blank lines are
+    skipped.
+    """
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.reader(fh)
+            for row in reader:
+                if not row:
+                    continue
+                if len(row) == columns + 1 and row[-1] == "":
+                    row = row[:-1]
+                if len(row) != columns:
+                    raise DataError(
+                        f"{path}: line {reader.line_num}: expected {columns} columns, got "
+                        f"{len(row)} (truncated or corrupted file). "
+                        "Re-fetch the data with: cmmm data download mosi"
+                    )
+                yield reader.line_num, row
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise DataError(
+            f"{path}: not a readable CSV file ({err}). "
+            "Re-fetch the data with: cmmm data download mosi"
+        ) from err
+
+
+def _read_numeric_csv(path: Path, columns: int, binary_last: bool = True) -> np.ndarray:
+    """A headerless all-numeric CSV as float64 (rows, columns).
+
+    With ``binary_last`` the last column is a binary label and must be 0 or 1.
+    """
+    rows: list[np.ndarray] = []
+    for line, fields in _csv_rows(path, columns):
+        try:
+            values = np.array(fields, dtype=np.float64)
+        except ValueError:
+            bad = next(i for i, cell in enumerate(fields) if not _is_number(cell))
+            raise DataError(
+                f"{path}: line {line}, column {bad + 1}: {fields[bad]!r} is not a number. "
+                "Re-fetch the data with: cmmm data download mosi"
+            ) from None
+        if not np.all(np.isfinite(values)):
+            bad = int(np.flatnonzero(~np.isfinite(values))[0])
+            raise DataError(
+                f"{path}: line {line}, column {bad + 1}: {fields[bad]!r} is NaN or infinite. "
+                "Re-fetch the data with: cmmm data download mosi"
+            )
+        if binary_last and values[-1] not in (0.0, 1.0):
+            raise DataError(
+                f"{path}: line {line}: the last column is the binary label and must be 0 or 1, "
+                f"got {fields[-1]!r}"
+            )
+        rows.append(values)
+    if not rows:
+        raise DataError(
+            f"{path}: the file is empty. Re-fetch the data with: cmmm data download mosi"
+        )
+    return np.stack(rows)
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# Assembling and caching
+
+
+def _to_dataset(
+    arrays: Mapping[str, np.ndarray], root: Path, valid_videos: int, split_seed: int
+) -> MultimodalDataset:
+    splits: dict[str, Split] = {}
+    for split in SPLITS:
+        splits[split] = Split(
+            features={m: arrays[f"{split}.features.{m}"] for m in MODALITIES},
+            labels=arrays[f"{split}.labels"],
+            groups=arrays[f"{split}.groups"],
+        )
+    agree, total = (int(v) for v in arrays["sign_agreement"])
+    notes: dict[str, object] = {
+        "utterance_ids": {s: arrays[f"{s}.utterance_ids"] for s in SPLITS},
+        "binary_labels": {s: arrays[f"{s}.binary"] for s in SPLITS},
+        "sign_agreement": (agree, total),
+        "valid_videos": valid_videos,
+        "split_seed": split_seed,
+        "split": "bc-LSTM train/test (speaker independent); valid = whole train videos",
+        "label_join": "utterance <video>_<k> = k-th segment of the .csd in stored order",
+    }
+    return MultimodalDataset(
+        name="mosi",
+        modalities=MODALITIES,
+        task_type="regression",
+        metric_family="mosi",
+        train=splits["train"],
+        valid=splits["valid"],
+        test=splits["test"],
+        source=f"CMU-MOSI bc-LSTM utterance features + CMU SDK opinion labels in {root}",
+        notes=notes,
+    )
+
+
+def _cache_key(digests: Mapping[str, str], valid_videos: int, split_seed: int) -> str:
+    description = {
+        "format": CACHE_FORMAT,
+        "files": dict(sorted(digests.items())),
+        "valid_videos": valid_videos,
+        "split_seed": split_seed,
+    }
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
+
+
+def _expected_cache_names() -> set[str]:
+    names = {"cache_key", "cache_format", "sign_agreement"}
+    for split in SPLITS:
+        names |= {f"{split}.features.{m}" for m in MODALITIES}
+        names |= {f"{split}.{n}" for n in ("labels", "binary", "groups", "utterance_ids")}
+    return names
+
+
+def _read_cache(cache_file: Path, key: str, log: Log) -> dict[str, np.ndarray] | None:
+    """The cached arrays, or None if there is no usable cache (then the caller rebuilds)."""
+    if not cache_file.is_file():
+        return None
+    try:
+        with np.load(cache_file, allow_pickle=False) as stored:
+            arrays = {name: stored[name] for name in stored.files}
+        if set(arrays) != _expected_cache_names():
+            raise ValueError("unexpected contents")
+        if str(arrays["cache_key"]) != key or int(arrays["cache_format"]) != CACHE_FORMAT:
+            raise ValueError("written for other source files or split")
+    # A cache is disposable: whatever is wrong with it (truncated zip, bad CRC, foreign file),
+    # the answer is to rebuild, never to fail.
+    except Exception as err:
+        log(f"CMU-MOSI: ignoring unusable cache {cache_file} ({err}); rebuilding it")
+        return None
+    return arrays
+
+
+def _write_cache(cache_file: Path, arrays: Mapping[str, np.ndarray], log: Log) -> None:
+    """Write the cache atomically; failing to write it only costs a rebuild next time."""
+    tmp_name: str | None = None
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(
+            dir=cache_file.parent, prefix=cache_file.name + ".", suffix=".tmp", delete=False
+        ) as fh:
+            tmp_name = fh.name
+            np.savez(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_name, cache_file)
+        tmp_name = None
+    except OSError as err:
+        log(f"CMU-MOSI: could not write the cache {cache_file} ({err}); continuing without it")
+    finally:
+        if tmp_name is not None:
+            try:
+                os.unlink(tmp_name)
+            except OSError:
+                pass

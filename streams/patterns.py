@@ -1,0 +1,99 @@
+"""Missing patterns (which modalities a task has) and task orders.
+
+A pattern is the tuple of present flags in the dataset's modality order, e.g. for (a, v, t)
+``(False, True, True)`` is "audio missing". Everything that depends on a task depends on its
+pattern, never on its index in the stream.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from cmmm.errors import ConfigError
+
+Pattern = tuple[bool, ...]
+
+SHORT_NAMES = {"audio": "a", "video": "v", "text": "t"}
+
+
+def short_name(modality: str) -> str:
+    return SHORT_NAMES.get(modality, modality[:1])
+
+
+def all_patterns(num_modalities: int) -> list[Pattern]:
+    """Every non-empty pattern, in method.md's default order for three modalities.
+
+    For (a, v, t): full; a missing; t missing; v missing; only a; only v; only t. The rule that
+    gives this order for any M: fewer missing modalities first; among equals, the one whose
+    missing set comes first in modality order, except that for M=3 method.md fixes (v, t), (a, v),
+    (a, t), which is "missing a", "missing t", "missing v".
+    """
+    if num_modalities < 1:
+        raise ConfigError("a stream needs at least one modality")
+    if num_modalities == 3:
+        return [
+            (True, True, True),
+            (False, True, True),
+            (True, True, False),
+            (True, False, True),
+            (True, False, False),
+            (False, True, False),
+            (False, False, True),
+        ]
+    out: list[Pattern] = []
+    for n_missing in range(num_modalities):
+        for missing in itertools.combinations(range(num_modalities), n_missing):
+            out.append(tuple(i not in missing for i in range(num_modalities)))
+    return out
+
+
+def pattern_name(pattern: Pattern, modalities: tuple[str, ...]) -> str:
+    """Human name, e.g. ``"a·t, v missing"`` or ``"a·v·t"`` for the full pattern."""
+    present = "·".join(short_name(m) for m, p in zip(modalities, pattern, strict=True) if p)
+    missing = "·".join(short_name(m) for m, p in zip(modalities, pattern, strict=True) if not p)
+    return present if not missing else f"{present}, {missing} missing"
+
+
+def pattern_code(pattern: Pattern, modalities: tuple[str, ...]) -> str:
+    """Compact code of the present modalities, e.g. ``"vt"``; used on the command line."""
+    return "".join(short_name(m) for m, p in zip(modalities, pattern, strict=True) if p)
+
+
+def parse_task_order(spec: str | None, modalities: tuple[str, ...]) -> list[Pattern]:
+    """Parse ``--task-order``.
+
+    Accepts ``None``/``"default"``, 1-based indices into the default order (``"1,3,2"``), or
+    codes of the present modalities (``"avt,vt,t"``). Any permutation or subset is allowed;
+    repeats and unknown entries are errors that say why.
+    """
+    default = all_patterns(len(modalities))
+    if spec is None or spec.strip() in ("", "default"):
+        return default
+    by_code = {pattern_code(p, modalities): p for p in default}
+    items = [s.strip() for s in spec.split(",") if s.strip()]
+    if not items:
+        raise ConfigError(f"--task-order {spec!r} names no task")
+    order: list[Pattern] = []
+    for item in items:
+        if item.isdigit():
+            k = int(item)
+            if not 1 <= k <= len(default):
+                raise ConfigError(
+                    f"--task-order: task {k} does not exist; use 1..{len(default)} "
+                    f"(default order: {', '.join(by_code)})"
+                )
+            pattern = default[k - 1]
+        else:
+            code = "".join(sorted(item, key=lambda c: "".join(map(short_name, modalities)).find(c)))
+            if code not in by_code:
+                raise ConfigError(
+                    f"--task-order: {item!r} is not a pattern; write the present modalities "
+                    f"as one of {', '.join(by_code)}"
+                )
+            pattern = by_code[code]
+        if pattern in order:
+            raise ConfigError(
+                f"--task-order: {item!r} appears twice; each missing case is one task"
+            )
+        order.append(pattern)
+    return order
