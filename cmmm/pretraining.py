@@ -14,14 +14,16 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from cmmm.backbone import MulT, MulTConfig
+from cmmm.errors import ConfigError
 from cmmm.plain_training import fit
 from streams.base import MultimodalDataset
 from streams.missing_stream import MissingModalityStream
@@ -43,9 +45,13 @@ def task_criterion(dataset: MultimodalDataset) -> nn.Module:
     return nn.CrossEntropyLoss() if dataset.task_type == "classification" else nn.L1Loss()
 
 
-def backbone_config_for(dataset: MultimodalDataset, **overrides: object) -> MulTConfig:
+def backbone_config_for(dataset: MultimodalDataset, **overrides: Any) -> MulTConfig:
     output_dim = dataset.num_classes if dataset.task_type == "classification" else 1
-    return MulTConfig(output_dim=output_dim, **overrides)  # type: ignore[arg-type]
+    known = {f.name for f in fields(MulTConfig)} - {"output_dim"}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(f"unknown backbone options {unknown}; valid: {sorted(known)}")
+    return MulTConfig(output_dim=output_dim, **overrides)
 
 
 def pretrained_backbone(

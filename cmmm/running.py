@@ -28,7 +28,7 @@ from torch import nn
 from cmmm.errors import ConfigError
 from cmmm.evaluation import EvalTask, Evaluator
 from cmmm.pretraining import backbone_config_for, pretrained_backbone, task_criterion
-from streams.catalog import STREAMS
+from streams.catalog import STREAMS, StreamRequest
 from streams.missing_stream import MissingModalityStream, build_stream
 from streams.patterns import parse_task_order
 
@@ -56,6 +56,10 @@ class RunConfig:
     cache_dir: str = field(default_factory=lambda: os.environ.get("CMMM_CACHE_DIR", ".cache"))
     device: str = "auto"
     strategy_options: dict[str, Any] = field(default_factory=dict)
+    # Passed to the stream's loader (e.g. the synthetic generator's sizes, MOSI's valid videos).
+    stream_options: dict[str, Any] = field(default_factory=dict)
+    # Overrides of MulTConfig (layers, d_model, dropouts, ...); the paper's MulT when empty.
+    backbone_options: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self) -> RunConfig:
         """A copy with every unset value filled from the stream's defaults (then the paper's)."""
@@ -149,7 +153,13 @@ def environment_record() -> dict[str, Any]:
 
 def load_stream(config: RunConfig, log: Callable[[str], None]) -> MissingModalityStream:
     entry = STREAMS.get(config.stream)
-    dataset = entry.factory(Path(config.data_dir), Path(config.cache_dir), log)
+    request = StreamRequest(
+        data_dir=Path(config.data_dir),
+        cache_dir=Path(config.cache_dir),
+        log=log,
+        options=config.stream_options,
+    )
+    dataset = entry.factory(request)
     order = parse_task_order(config.task_order, dataset.modalities)
     return build_stream(dataset, order, task_data=config.task_data, seed=config.seed)  # type: ignore[arg-type]
 
@@ -210,7 +220,7 @@ def run(
     dataset = stream.dataset
     backbone, pretrain_record = pretrained_backbone(
         stream,
-        backbone_config_for(dataset),
+        backbone_config_for(dataset, **config.backbone_options),
         epochs=config.pretrain_epochs,
         batch_size=config.batch_size,
         lr=config.lr,

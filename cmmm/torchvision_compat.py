@@ -10,6 +10,7 @@ unusable; nothing here needs them. Only done when the plain import fails.
 from __future__ import annotations
 
 import sys
+import warnings
 
 _OPERATOR_SCHEMAS = (
     "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
@@ -20,6 +21,8 @@ _library = None  # keeps the torch.library fragment alive for the process lifeti
 
 def ensure_torchvision_importable() -> None:
     global _library
+    # Avalanche's qpsolvers import warns about GEM's optional solver at every start.
+    warnings.filterwarnings("ignore", message="no QP solver found", category=UserWarning)
     try:
         import torchvision  # noqa: F401
 

@@ -37,7 +37,11 @@ class StrategyContext:
 
     def template_kwargs(self) -> dict[str, Any]:
         """Arguments every Avalanche template gets, identical across strategies."""
+        import warnings
+
         from avalanche.training.plugins import EvaluationPlugin
+
+        warnings.filterwarnings("ignore", message="No loggers specified", category=UserWarning)
 
         return {
             "criterion": self.criterion,

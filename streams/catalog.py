@@ -1,35 +1,66 @@
 """The streams ``cmmm run --stream`` knows, by name.
 
-A loader takes the data directory, a cache directory it may write to and a logging function,
-and returns a validated ``MultimodalDataset``; ``streams.missing_stream`` builds the
-missing-case stream from it.
-Adding a dataset: write its loader in its own file and register it here.
+A loader takes a ``StreamRequest`` (data directory, a cache directory it may write to, a logging
+function, and the stream's own options) and returns a validated ``MultimodalDataset``;
+``streams.missing_stream`` builds the missing-case stream from it. Adding a dataset: write its
+loader in its own file and register it here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from cmmm.errors import ConfigError
 from cmmm.registry import Registry
 from streams.base import MultimodalDataset
 
-Loader = Callable[[Path, Path, Callable[[str], None]], MultimodalDataset]
-STREAMS: Registry[Loader] = Registry("stream")
 
+@dataclass(frozen=True)
+class StreamRequest:
+    data_dir: Path
+    cache_dir: Path
+    log: Callable[[str], None] = print
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def take_options(self, allowed: set[str]) -> dict[str, Any]:
+        unknown = sorted(set(self.options) - allowed)
+        if unknown:
+            raise ConfigError(
+                f"unknown stream options {unknown}; this stream accepts {sorted(allowed)}"
+            )
+        return dict(self.options)
+
+
+Loader = Callable[[StreamRequest], MultimodalDataset]
+STREAMS: Registry[Loader] = Registry("stream")
 
 # The synthetic streams default to fewer epochs than the paper's 30 so that the default
 # `cmmm run` finishes in about a minute on two CPU cores; --epochs overrides it.
 SYNTHETIC_DEFAULTS = {"epochs": 5, "pretrain_epochs": 10}
 
 
+def _synthetic_spec(request: StreamRequest, task_type: str):
+    from streams.synthetic import SyntheticSpec
+
+    names = {f.name for f in dataclasses.fields(SyntheticSpec)} - {"task_type"}
+    options = request.take_options(names)
+    for key in ("modalities", "seq_lens", "feature_dims", "signal"):
+        if key in options:
+            options[key] = tuple(options[key])
+    return SyntheticSpec(task_type=task_type, **options)
+
+
 @STREAMS.register(
     "synthetic", "embedded seeded regression stream (MOSI-like, no download)", **SYNTHETIC_DEFAULTS
 )
-def _synthetic(data_dir: Path, cache_dir: Path, log: Callable[[str], None]) -> MultimodalDataset:
-    from streams.synthetic import SyntheticSpec, make_synthetic
+def _synthetic(request: StreamRequest) -> MultimodalDataset:
+    from streams.synthetic import make_synthetic
 
-    return make_synthetic(SyntheticSpec(task_type="regression"))
+    return make_synthetic(_synthetic_spec(request, "regression"))
 
 
 @STREAMS.register(
@@ -37,37 +68,39 @@ def _synthetic(data_dir: Path, cache_dir: Path, log: Callable[[str], None]) -> M
     "embedded seeded 4-class stream (IEMOCAP-like, no download)",
     **SYNTHETIC_DEFAULTS,
 )
-def _synthetic_cls(
-    data_dir: Path, cache_dir: Path, log: Callable[[str], None]
-) -> MultimodalDataset:
-    from streams.synthetic import SyntheticSpec, make_synthetic
+def _synthetic_cls(request: StreamRequest) -> MultimodalDataset:
+    from streams.synthetic import make_synthetic
 
-    return make_synthetic(SyntheticSpec(task_type="classification"))
+    return make_synthetic(_synthetic_spec(request, "classification"))
 
 
 @STREAMS.register("mosi", "real CMU-MOSI utterance features (bc-LSTM CSVs + CMU SDK labels)")
-def _mosi(data_dir: Path, cache_dir: Path, log: Callable[[str], None]) -> MultimodalDataset:
+def _mosi(request: StreamRequest) -> MultimodalDataset:
     from streams.mosi import load_mosi
 
-    return load_mosi(data_dir, cache_dir=cache_dir / "mosi", log=log)
+    options = request.take_options({"valid_videos", "split_seed"})
+    return load_mosi(
+        request.data_dir, cache_dir=request.cache_dir / "mosi", log=request.log, **options
+    )
+
+
+def _pickle_stream(name: str, request: StreamRequest) -> MultimodalDataset:
+    from streams.pickles import load_pickle_stream
+
+    request.take_options(set())
+    return load_pickle_stream(name, request.data_dir, log=request.log)
 
 
 @STREAMS.register("mosi-pkl", "CMU-MOSI from a MulT or MMSA pickle in <data-dir>/mosi/")
-def _mosi_pickle(data_dir: Path, cache_dir: Path, log: Callable[[str], None]) -> MultimodalDataset:
-    from streams.pickles import load_pickle_stream
-
-    return load_pickle_stream("mosi-pkl", data_dir, log=log)
+def _mosi_pickle(request: StreamRequest) -> MultimodalDataset:
+    return _pickle_stream("mosi-pkl", request)
 
 
 @STREAMS.register("iemocap", "IEMOCAP, 4 emotions, from MulT's iemocap_data.pkl")
-def _iemocap(data_dir: Path, cache_dir: Path, log: Callable[[str], None]) -> MultimodalDataset:
-    from streams.pickles import load_pickle_stream
-
-    return load_pickle_stream("iemocap", data_dir, log=log)
+def _iemocap(request: StreamRequest) -> MultimodalDataset:
+    return _pickle_stream("iemocap", request)
 
 
 @STREAMS.register("sims", "CH-SIMS from MMSA's unaligned_39.pkl")
-def _sims(data_dir: Path, cache_dir: Path, log: Callable[[str], None]) -> MultimodalDataset:
-    from streams.pickles import load_pickle_stream
-
-    return load_pickle_stream("sims", data_dir, log=log)
+def _sims(request: StreamRequest) -> MultimodalDataset:
+    return _pickle_stream("sims", request)
