@@ -136,6 +136,7 @@ def run(
 ) -> None:
     """Train one strategy on one missing-modality stream and score it after every task."""
     from cmmm.running import RunConfig
+    from strategies import STRATEGIES
     from cmmm.running import run as run_config
 
     config = RunConfig(
@@ -157,7 +158,7 @@ def run(
     if cache_dir is not None:
         config.cache_dir = str(cache_dir)
     config = config.resolved()
-    num_steps = 1 if strategy == "joint" else None
+    STRATEGIES.get(config.strategy)  # fail on a bad name before any progress is drawn
 
     with Progress(
         TextColumn("{task.description}"),
@@ -190,8 +191,7 @@ def run(
         results = run_config(
             config, log=log, on_epoch=on_epoch, on_step=on_step, on_start=start_training
         )
-    del num_steps
-    out_console = Console()
+    out_console = Console(soft_wrap=True)
     out_console.print(summary_table(results))
     out_console.print(
         f"AA {format_metric(results['aa'])}  FM {format_metric(results['fm'])}  "
@@ -251,7 +251,7 @@ def benchmark_overhead(
         cache_dir=cache_dir,
         log=lambda m: console.print(m, highlight=False),
     )
-    Console().print(report.table())
+    Console(soft_wrap=True).print(report.table())
 
 
 def main() -> None:  # pragma: no cover - console script entry

@@ -1,0 +1,146 @@
+"""How much does training through Avalanche cost over a plain PyTorch loop?
+
+Both sides train the same pre-trained MulT (same initial weights) with Adam on the same tasks in
+the same order, one fresh optimizer per task (as Avalanche re-creates it per experience), the
+same batch size and epochs, and no evaluation. The only difference is the loop: Avalanche's
+``Naive`` strategy over the benchmark's experiences versus ``plain_training.train_epoch`` over
+in-memory tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.table import Table
+
+from cmmm.plain_training import train_epoch
+from cmmm.pretraining import backbone_config_for, pretrained_backbone, task_criterion
+from cmmm.running import RunConfig, load_stream, resolve_device, seed_everything
+from strategies.base import StrategyContext
+from strategies.naive import NaiveFineTuning
+
+
+@dataclass(frozen=True)
+class LoopTiming:
+    name: str
+    seconds: float
+    samples: int
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.seconds
+
+
+@dataclass(frozen=True)
+class OverheadReport:
+    stream: str
+    source: str
+    tasks: int
+    epochs: int
+    batch_size: int
+    device: str
+    threads: int
+    framework: LoopTiming
+    plain: LoopTiming
+
+    @property
+    def ratio(self) -> float:
+        return self.framework.seconds / self.plain.seconds
+
+    def table(self) -> Table:
+        table = Table(
+            title=f"naive on {self.stream} ({self.tasks} tasks x {self.epochs} epochs, batch "
+            f"{self.batch_size}, {self.device}, {self.threads} threads)",
+            caption=f"data: {self.source}. Overhead ratio (Avalanche / plain): {self.ratio:.2f}",
+        )
+        for column in ("loop", "wall time (s)", "samples/s", "time vs plain"):
+            table.add_column(column, justify="right" if column != "loop" else "left")
+        for timing in (self.framework, self.plain):
+            table.add_row(
+                timing.name,
+                f"{timing.seconds:.1f}",
+                f"{timing.samples_per_second:,.0f}",
+                f"{timing.seconds / self.plain.seconds:.2f}x",
+            )
+        return table
+
+
+def measure_overhead(
+    stream: str = "mosi",
+    epochs: int = 30,
+    batch_size: int = 64,
+    seed: int = 0,
+    data_dir: Path | None = None,
+    cache_dir: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> OverheadReport:
+    config = RunConfig(stream=stream, epochs=epochs, batch_size=batch_size, seed=seed)
+    if data_dir is not None:
+        config.data_dir = str(data_dir)
+    if cache_dir is not None:
+        config.cache_dir = str(cache_dir)
+    config = config.resolved()
+    device = resolve_device(config.device)
+    seed_everything(seed)
+    missing_stream = load_stream(config, log)
+    dataset = missing_stream.dataset
+    backbone, _ = pretrained_backbone(
+        missing_stream,
+        backbone_config_for(dataset),
+        epochs=config.pretrain_epochs or 0,
+        batch_size=batch_size,
+        lr=config.lr,
+        seed=seed,
+        cache_dir=Path(config.cache_dir) / "pretrained",
+        device=device,
+        log=log,
+    )
+    criterion = task_criterion(dataset)
+    samples = epochs * sum(len(task.train) for task in missing_stream.tasks)
+
+    plain_model = copy.deepcopy(backbone)
+    seed_everything(seed)
+    log(f"plain PyTorch loop: {len(missing_stream.tasks)} tasks x {epochs} epochs")
+    generator = torch.Generator().manual_seed(seed)
+    tick = time.perf_counter()
+    for task in missing_stream.tasks:
+        x, y = (t.to(device) for t in task.train.tensors())
+        optimizer = torch.optim.Adam(plain_model.parameters(), lr=config.lr)
+        for _ in range(epochs):
+            train_epoch(plain_model, x, y, criterion, optimizer, batch_size, generator)
+    plain = LoopTiming("plain PyTorch loop", time.perf_counter() - tick, samples)
+
+    seed_everything(seed)
+    log(f"Avalanche Naive: {len(missing_stream.tasks)} tasks x {epochs} epochs")
+    ctx = StrategyContext(
+        model=backbone,
+        stream=missing_stream,
+        criterion=criterion,
+        epochs=epochs,
+        batch_size=batch_size,
+        eval_batch_size=config.eval_batch_size,
+        lr=config.lr,
+        device=device,
+    )
+    template = NaiveFineTuning().build(ctx)
+    benchmark = missing_stream.avalanche_benchmark()
+    tick = time.perf_counter()
+    for experience in benchmark.train_stream:
+        template.train(experience)
+    framework = LoopTiming("Avalanche Naive", time.perf_counter() - tick, samples)
+    return OverheadReport(
+        stream=stream,
+        source=dataset.source or dataset.name,
+        tasks=len(missing_stream.tasks),
+        epochs=epochs,
+        batch_size=batch_size,
+        device=str(device),
+        threads=torch.get_num_threads(),
+        framework=framework,
+        plain=plain,
+    )

@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny run settings, a tiny synthetic stream, the shared real-data directory.
+
+Every output and cache goes under pytest's ``tmp_path``; nothing is written into the repository
+or the shared data directory.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+# On a two-core machine that is already busy, PyTorch's default of one intra-op thread per core
+# makes these small models 20-30 times slower (threads wait for each other); one thread keeps a
+# tiny run at a few seconds.
+torch.set_num_threads(1)
+
+TINY_STREAM_OPTIONS: dict[str, Any] = {"n_train": 64, "n_valid": 16, "n_test": 32}
+TINY_BACKBONE_OPTIONS: dict[str, Any] = {"layers": 1, "self_layers": 1}
+
+
+def resolve_shared_data_dir() -> Path:
+    """CMMM_DATA_DIR (relative paths are relative to the repository), else <repo>/../shared/data."""
+    configured = Path(os.environ.get("CMMM_DATA_DIR", REPO.parent / "shared" / "data"))
+    return configured if configured.is_absolute() else (REPO / configured).resolve()
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    """The real data directory; skips the test when it is absent."""
+    path = resolve_shared_data_dir()
+    if not path.is_dir():
+        pytest.skip(f"data directory {path} absent (set CMMM_DATA_DIR)")
+    return path
+
+
+def make_tiny_config(root: Path, **overrides: Any) -> Any:
+    """A ``RunConfig`` that finishes in a few seconds and writes only under ``root``.
+
+    Keyword arguments override any field; ``stream_options``/``backbone_options`` replace the
+    tiny ones entirely when given.
+    """
+    from cmmm.running import RunConfig
+
+    settings: dict[str, Any] = {
+        "stream": "synthetic",
+        "epochs": 1,
+        "pretrain_epochs": 1,
+        "stream_options": dict(TINY_STREAM_OPTIONS),
+        "backbone_options": dict(TINY_BACKBONE_OPTIONS),
+        "out": str(root / "runs"),
+        "cache_dir": str(root / "cache"),
+        "data_dir": str(root / "data"),
+        "device": "cpu",
+    }
+    settings.update(overrides)
+    return RunConfig(**settings)
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path) -> Callable[..., Any]:
+    """``make_tiny_config`` rooted at the test's ``tmp_path``."""
+
+    def make(**overrides: Any) -> Any:
+        return make_tiny_config(tmp_path, **overrides)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_config_at() -> Callable[..., Any]:
+    """``make_tiny_config`` itself, for module-scoped fixtures with their own root."""
+    return make_tiny_config
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset():
+    """The tiny synthetic regression dataset (64/16/32 samples)."""
+    from streams.synthetic import SyntheticSpec, make_synthetic
+
+    return make_synthetic(SyntheticSpec(**TINY_STREAM_OPTIONS))
