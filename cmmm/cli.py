@@ -136,8 +136,8 @@ def run(
 ) -> None:
     """Train one strategy on one missing-modality stream and score it after every task."""
     from cmmm.running import RunConfig
-    from strategies import STRATEGIES
     from cmmm.running import run as run_config
+    from strategies import STRATEGIES
 
     config = RunConfig(
         stream=stream,

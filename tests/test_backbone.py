@@ -27,8 +27,9 @@ def make_layout(shapes: dict[str, tuple[int, int]]) -> PackedLayout:
     )
 
 
-def make_batch(layout: PackedLayout, batch: int, seed: int = 0,
-               presence: torch.Tensor | None = None) -> torch.Tensor:
+def make_batch(
+    layout: PackedLayout, batch: int, seed: int = 0, presence: torch.Tensor | None = None
+) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     features = {
         m: torch.randn(batch, n, d, generator=generator)
@@ -167,9 +168,12 @@ def test_prompts_get_gradient_and_frozen_backbone_gets_none() -> None:
     model.train()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    prompts = nn.ParameterDict({
-        site.name: nn.Parameter(0.02 * torch.randn(3, site.width)) for site in model.prompt_sites()
-    })
+    prompts = nn.ParameterDict(
+        {
+            site.name: nn.Parameter(0.02 * torch.randn(3, site.width))
+            for site in model.prompt_sites()
+        }
+    )
     model.prompt_hook = lambda site, context: prompts[site.name]
     model(make_batch(AVT_MIXED, batch=4)).sum().backward()
     assert all(p.grad is None for p in model.parameters())
@@ -200,6 +204,7 @@ def test_per_sample_prompt_affects_only_its_sample() -> None:
     def hook_for(prompts: torch.Tensor):
         def hook(site: PromptSite, context: PromptContext) -> torch.Tensor | None:
             return prompts.unsqueeze(1).expand(-1, 3, -1) if site.is_cross else None
+
         return hook
 
     with model.using_prompt_hook(hook_for(base)):
@@ -212,8 +217,13 @@ def test_per_sample_prompt_affects_only_its_sample() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    [torch.zeros(3, 5), torch.zeros(2, 3, 4), torch.zeros(4), "not a tensor",
-     torch.zeros(3, 4, dtype=torch.long)],
+    [
+        torch.zeros(3, 5),
+        torch.zeros(2, 3, 4),
+        torch.zeros(4),
+        "not a tensor",
+        torch.zeros(3, 4, dtype=torch.long),
+    ],
 )
 def test_wrong_prompt_raises_clear_error(bad: object) -> None:
     model = make_model(AVT_MIXED)
@@ -242,8 +252,9 @@ def test_causal_mask_hides_later_steps_even_with_prompts() -> None:
         assert not torch.allclose(before[m][:, 3:], after[m][:, 3:]), m
 
     # Without the mask, earlier steps do see the change (so the check above is not vacuous).
-    unmasked = make_model(layout, MulTConfig(d_model=4, num_heads=2, layers=2, self_layers=1,
-                                             causal_mask=False))
+    unmasked = make_model(
+        layout, MulTConfig(d_model=4, num_heads=2, layers=2, self_layers=1, causal_mask=False)
+    )
     unmasked.prompt_hook = model.prompt_hook
     before = unmasked.forward_sequences(x)
     after = unmasked.forward_sequences(layout.pack(changed, presence))
