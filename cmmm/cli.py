@@ -129,6 +129,9 @@ def run(
         Path, typer.Option(help="runs are written to OUT/<stream>-<strategy>-seed<seed>-<key>/")
     ] = Path("runs"),
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda[:N]")] = "auto",
+    standardize: Annotated[
+        bool, typer.Option(help="z-score every feature with train-split statistics")
+    ] = True,
     option: Annotated[
         list[str] | None,
         typer.Option("--option", "-o", help="strategy option key=value (repeatable)"),
@@ -148,6 +151,7 @@ def run(
         seed=seed,
         task_order=task_order,
         task_data=task_data,
+        standardize=standardize,
         pretrain_epochs=pretrain_epochs,
         out=str(out),
         device=device,
@@ -201,6 +205,20 @@ def run(
         highlight=False,
     )
     out_console.print(f"results: {Path(results['run_dir']) / 'results.json'}", highlight=False)
+
+
+@app.command()
+@reports_errors
+def summarize(
+    paths: Annotated[list[Path], typer.Argument(help="run directories or results.json files")],
+) -> None:
+    """Mean ± standard deviation over seeds of AA, FM and BWT, per configuration (Markdown)."""
+    from cmmm.summary import aggregate, find_results, markdown_table
+
+    rows = aggregate(find_results(paths))
+    if not rows:
+        raise ConfigError(f"no results.json under {', '.join(map(str, paths))}")
+    print(markdown_table(rows))
 
 
 @data_app.command("download")

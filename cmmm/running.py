@@ -31,6 +31,7 @@ from cmmm.pretraining import backbone_config_for, pretrained_backbone, task_crit
 from streams.catalog import STREAMS, StreamRequest
 from streams.missing_stream import MissingModalityStream, build_stream
 from streams.patterns import parse_task_order
+from streams.standardization import standardize
 
 # method.md's training protocol: Adam, batch 64, 30 epochs per task.
 PAPER_DEFAULTS = {"epochs": 30, "pretrain_epochs": 30}
@@ -56,6 +57,8 @@ class RunConfig:
     cache_dir: str = field(default_factory=lambda: os.environ.get("CMMM_CACHE_DIR", ".cache"))
     device: str = "auto"
     strategy_options: dict[str, Any] = field(default_factory=dict)
+    # Per-feature z-scoring with train statistics (see streams.standardization).
+    standardize: bool = True
     # Passed to the stream's loader (e.g. the synthetic generator's sizes, MOSI's valid videos).
     stream_options: dict[str, Any] = field(default_factory=dict)
     # Overrides of MulTConfig (layers, d_model, dropouts, ...); the paper's MulT when empty.
@@ -160,6 +163,8 @@ def load_stream(config: RunConfig, log: Callable[[str], None]) -> MissingModalit
         options=config.stream_options,
     )
     dataset = entry.factory(request)
+    if config.standardize:
+        dataset = standardize(dataset)
     order = parse_task_order(config.task_order, dataset.modalities)
     return build_stream(dataset, order, task_data=config.task_data, seed=config.seed)  # type: ignore[arg-type]
 

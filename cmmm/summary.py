@@ -1,0 +1,104 @@
+"""Aggregate finished runs: mean and spread of AA, FM and BWT over seeds, per configuration."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cmmm.errors import DataError
+
+
+def find_results(paths: Iterable[Path]) -> list[dict[str, Any]]:
+    """Every ``results.json`` at or under the given paths, parsed."""
+    found: list[dict[str, Any]] = []
+    for root in paths:
+        files = [root] if root.is_file() else sorted(root.rglob("results.json"))
+        if not root.exists():
+            raise DataError(f"{root}: no such run directory or results file")
+        for file in files:
+            try:
+                found.append(json.loads(file.read_text()))
+            except (OSError, json.JSONDecodeError) as error:
+                raise DataError(f"{file}: not a readable results.json ({error})") from None
+    return found
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    stream: str
+    strategy: str
+    settings: str
+    seeds: list[int]
+    aa: list[float]
+    fm: list[float]
+    bwt: list[float]
+    wall_seconds: list[float]
+    trainable: int
+
+    @staticmethod
+    def _mean_spread(values: list[float]) -> str:
+        if not values:
+            return "n/a"
+        if len(values) == 1:
+            return f"{values[0]:.2f}"
+        return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+    def row(self) -> list[str]:
+        return [
+            self.stream,
+            self.strategy,
+            self.settings,
+            ",".join(map(str, self.seeds)),
+            self._mean_spread(self.aa),
+            self._mean_spread(self.fm),
+            self._mean_spread(self.bwt),
+            f"{self.trainable:,}",
+            f"{statistics.mean(self.wall_seconds):.0f}",
+        ]
+
+
+HEADER = ["stream", "strategy", "settings", "seeds", "AA", "FM", "BWT", "trainable", "time (s)"]
+
+
+def _settings(config: dict[str, Any]) -> str:
+    """What distinguishes a configuration besides stream, strategy and seed."""
+    shown = {k: config[k] for k in ("epochs", "task_order", "task_data") if k in config}
+    for key in ("strategy_options", "stream_options", "backbone_options"):
+        if config.get(key):
+            shown[key] = config[key]
+    return " ".join(f"{k}={v}" for k, v in shown.items())
+
+
+def aggregate(results: list[dict[str, Any]]) -> list[Aggregate]:
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for result in results:
+        config = result["config"]
+        groups[(config["stream"], config["strategy"], _settings(config))].append(result)
+    rows = []
+    for (stream, strategy, settings), members in sorted(groups.items()):
+        members.sort(key=lambda r: r["config"]["seed"])
+        rows.append(
+            Aggregate(
+                stream=stream,
+                strategy=strategy,
+                settings=settings,
+                seeds=[r["config"]["seed"] for r in members],
+                aa=[r["aa"] for r in members if r["aa"] is not None],
+                fm=[r["fm"] for r in members if r["fm"] is not None],
+                bwt=[r["bwt"] for r in members if r["bwt"] is not None],
+                wall_seconds=[r["wall_time_seconds"] for r in members],
+                trainable=members[0]["parameters"]["trainable"],
+            )
+        )
+    return rows
+
+
+def markdown_table(rows: list[Aggregate]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(row.row()) + " |" for row in rows]
+    return "\n".join(lines)
