@@ -259,16 +259,14 @@ def benchmark_overhead(
 ) -> None:
     """Time `naive` through Avalanche against the same training in a plain PyTorch loop."""
     from cmmm.overhead_benchmark import measure_overhead
+    from cmmm.running import RunConfig
 
-    report = measure_overhead(
-        stream=stream,
-        epochs=epochs,
-        batch_size=batch_size,
-        seed=seed,
-        data_dir=data_dir,
-        cache_dir=cache_dir,
-        log=lambda m: console.print(m, highlight=False),
-    )
+    config = RunConfig(stream=stream, epochs=epochs, batch_size=batch_size, seed=seed)
+    if data_dir is not None:
+        config.data_dir = str(data_dir)
+    if cache_dir is not None:
+        config.cache_dir = str(cache_dir)
+    report = measure_overhead(config, log=lambda m: console.print(m, highlight=False))
     Console(soft_wrap=True).print(report.table())
 
 

@@ -70,28 +70,17 @@ class OverheadReport:
         return table
 
 
-def measure_overhead(
-    stream: str = "mosi",
-    epochs: int = 30,
-    batch_size: int = 64,
-    seed: int = 0,
-    data_dir: Path | None = None,
-    cache_dir: Path | None = None,
-    log: Callable[[str], None] = print,
-) -> OverheadReport:
-    config = RunConfig(stream=stream, epochs=epochs, batch_size=batch_size, seed=seed)
-    if data_dir is not None:
-        config.data_dir = str(data_dir)
-    if cache_dir is not None:
-        config.cache_dir = str(cache_dir)
+def measure_overhead(config: RunConfig, log: Callable[[str], None] = print) -> OverheadReport:
+    """Time both loops for ``config`` (its strategy is ignored: the benchmark is ``naive``)."""
     config = config.resolved()
+    epochs, batch_size, seed = config.epochs or 1, config.batch_size, config.seed
     device = resolve_device(config.device)
     seed_everything(seed)
     missing_stream = load_stream(config, log)
     dataset = missing_stream.dataset
     backbone, _ = pretrained_backbone(
         missing_stream,
-        backbone_config_for(dataset),
+        backbone_config_for(dataset, **config.backbone_options),
         epochs=config.pretrain_epochs or 0,
         batch_size=batch_size,
         lr=config.lr,
@@ -134,7 +123,7 @@ def measure_overhead(
         template.train(experience)
     framework = LoopTiming("Avalanche Naive", time.perf_counter() - tick, samples)
     return OverheadReport(
-        stream=stream,
+        stream=config.stream,
         source=dataset.source or dataset.name,
         tasks=len(missing_stream.tasks),
         epochs=epochs,

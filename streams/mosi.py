@@ -181,8 +181,8 @@ def load_mosi(
 ) -> MultimodalDataset:
     """Load CMU-MOSI from ``<data_dir>/mosi``, building and caching the arrays on first use.
 
-    Features are left unstandardised (the model handles scale); the label and split statistics
-    are reported through ``log`` instead.
+    Features are returned as published; the runner standardises them with train statistics
+    (``streams.standardization``). Label and split statistics are reported through ``log``.
     """
     data_dir = Path(data_dir)
     root = data_dir / MOSI_DIRNAME
