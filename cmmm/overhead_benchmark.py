@@ -13,15 +13,13 @@ import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from rich.table import Table
 
 from cmmm.plain_training import train_epoch
-from cmmm.pretraining import backbone_config_for, pretrained_backbone, task_criterion
-from cmmm.running import RunConfig, load_stream, resolve_device, seed_everything
-from strategies.base import StrategyContext
+from cmmm.pretraining import task_criterion
+from cmmm.running import RunConfig, prepare, seed_everything
 from strategies.naive import NaiveFineTuning
 
 
@@ -74,21 +72,9 @@ def measure_overhead(config: RunConfig, log: Callable[[str], None] = print) -> O
     """Time both loops for ``config`` (its strategy is ignored: the benchmark is ``naive``)."""
     config = config.resolved()
     epochs, batch_size, seed = config.epochs or 1, config.batch_size, config.seed
-    device = resolve_device(config.device)
-    seed_everything(seed)
-    missing_stream = load_stream(config, log)
+    prepared = prepare(config, log)
+    missing_stream, backbone, device = prepared.stream, prepared.backbone, prepared.device
     dataset = missing_stream.dataset
-    backbone, _ = pretrained_backbone(
-        missing_stream,
-        backbone_config_for(dataset, **config.backbone_options),
-        epochs=config.pretrain_epochs or 0,
-        batch_size=batch_size,
-        lr=config.lr,
-        seed=seed,
-        cache_dir=Path(config.cache_dir) / "pretrained",
-        device=device,
-        log=log,
-    )
     criterion = task_criterion(dataset)
     samples = epochs * sum(len(task.train) for task in missing_stream.tasks)
 
@@ -106,16 +92,7 @@ def measure_overhead(config: RunConfig, log: Callable[[str], None] = print) -> O
 
     seed_everything(seed)
     log(f"Avalanche Naive: {len(missing_stream.tasks)} tasks x {epochs} epochs")
-    ctx = StrategyContext(
-        model=backbone,
-        stream=missing_stream,
-        criterion=criterion,
-        epochs=epochs,
-        batch_size=batch_size,
-        eval_batch_size=config.eval_batch_size,
-        lr=config.lr,
-        device=device,
-    )
+    ctx = prepared.strategy_context(config, plugins=[])
     template = NaiveFineTuning().build(ctx)
     benchmark = missing_stream.avalanche_benchmark()
     tick = time.perf_counter()

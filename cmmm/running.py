@@ -28,6 +28,7 @@ from torch import nn
 from cmmm.errors import ConfigError
 from cmmm.evaluation import EvalTask, Evaluator
 from cmmm.pretraining import backbone_config_for, pretrained_backbone, task_criterion
+from strategies.base import StrategyContext
 from streams.catalog import STREAMS, StreamRequest
 from streams.missing_stream import MissingModalityStream, build_stream
 from streams.patterns import parse_task_order
@@ -169,6 +170,48 @@ def load_stream(config: RunConfig, log: Callable[[str], None]) -> MissingModalit
     return build_stream(dataset, order, task_data=config.task_data, seed=config.seed)  # type: ignore[arg-type]
 
 
+@dataclass
+class PreparedRun:
+    """The stream and the pre-trained backbone a run (or a benchmark) starts from."""
+
+    stream: MissingModalityStream
+    backbone: nn.Module
+    pretraining: dict[str, Any]
+    device: torch.device
+
+    def strategy_context(self, config: RunConfig, plugins: list[Any]) -> StrategyContext:
+        return StrategyContext(
+            model=self.backbone,
+            stream=self.stream,
+            criterion=task_criterion(self.stream.dataset),
+            epochs=config.epochs or 1,
+            batch_size=config.batch_size,
+            eval_batch_size=config.eval_batch_size,
+            lr=config.lr,
+            device=self.device,
+            plugins=plugins,
+        )
+
+
+def prepare(config: RunConfig, log: Callable[[str], None]) -> PreparedRun:
+    """Load the stream and the cached (or freshly) pre-trained backbone for a resolved config."""
+    device = resolve_device(config.device)
+    seed_everything(config.seed)
+    stream = load_stream(config, log)
+    backbone, record = pretrained_backbone(
+        stream,
+        backbone_config_for(stream.dataset, **config.backbone_options),
+        epochs=config.pretrain_epochs or 0,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        seed=config.seed,
+        cache_dir=Path(config.cache_dir) / "pretrained",
+        device=device,
+        log=log,
+    )
+    return PreparedRun(stream=stream, backbone=backbone, pretraining=record, device=device)
+
+
 class TrainingMonitor:
     """An Avalanche plugin that reports per-epoch training loss to TensorBoard and the display."""
 
@@ -219,21 +262,9 @@ def run(
     config = config.resolved()
     strategy_entry = STRATEGIES.get(config.strategy)
     started = time.perf_counter()
-    device = resolve_device(config.device)
-    seed_everything(config.seed)
-    stream = load_stream(config, log)
+    prepared = prepare(config, log)
+    stream, backbone, device = prepared.stream, prepared.backbone, prepared.device
     dataset = stream.dataset
-    backbone, pretrain_record = pretrained_backbone(
-        stream,
-        backbone_config_for(dataset, **config.backbone_options),
-        epochs=config.pretrain_epochs,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        seed=config.seed,
-        cache_dir=Path(config.cache_dir) / "pretrained",
-        device=device,
-        log=log,
-    )
     total_backbone = count_parameters(backbone, trainable_only=False)
     seed_everything(config.seed)
     strategy = strategy_entry.factory(**config.strategy_options)
@@ -241,19 +272,7 @@ def run(
     run_dir.mkdir(parents=True, exist_ok=True)
     writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
     monitor = TrainingMonitor(writer, on_epoch or (lambda *_: None))
-    from strategies.base import StrategyContext
-
-    ctx = StrategyContext(
-        model=backbone,
-        stream=stream,
-        criterion=task_criterion(dataset),
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        eval_batch_size=config.eval_batch_size,
-        lr=config.lr,
-        device=device,
-        plugins=[monitor.plugin],
-    )
+    ctx = prepared.strategy_context(config, plugins=[monitor.plugin])
     template = strategy.build(ctx)
     model: nn.Module = template.model
     evaluator = Evaluator(
@@ -323,7 +342,7 @@ def run(
             "joint": strategy.joint,
             "options": strategy.options(),
         },
-        "pretraining": pretrain_record,
+        "pretraining": prepared.pretraining,
         **{
             k: summary[k]
             for k in (
