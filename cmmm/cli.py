@@ -270,6 +270,76 @@ def benchmark_overhead(
     Console(soft_wrap=True).print(report.table())
 
 
+@app.command()
+@reports_errors
+def compare(
+    stream: Annotated[str, typer.Option(help="the stream every strategy runs on")] = "synthetic",
+    strategies: Annotated[
+        str,
+        typer.Option(
+            help="comma-separated strategies, or 'all'; a replay family (er, agem, icarl, der) "
+            "stands for its two paper buffer sizes on the stream"
+        ),
+    ] = "all",
+    seeds: Annotated[int, typer.Option(help="seeds 0..N-1 per strategy")] = 3,
+    epochs: Annotated[
+        int | None, typer.Option(help="epochs per task [stream default: 30 real, 5 synthetic]")
+    ] = None,
+    pretrain_epochs: Annotated[
+        int | None, typer.Option(help="epochs of full-modality pre-training (cached)")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="training mini-batch size")] = 64,
+    lr: Annotated[float, typer.Option(help="Adam learning rate")] = 1e-3,
+    task_order: Annotated[str, typer.Option(help="as for `cmmm run`")] = "default",
+    task_data: Annotated[str, typer.Option(help="'full' or 'disjoint'")] = "full",
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="directory holding <stream>/ data [env CMMM_DATA_DIR, else ./data]"),
+    ] = None,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(help="built data sets and backbones [env CMMM_CACHE_DIR, else ./.cache]"),
+    ] = None,
+    out: Annotated[
+        Path,
+        typer.Option(help="runs go to OUT/<run>/, the table to OUT/compare-<stream>.md and .csv"),
+    ] = Path("runs"),
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda[:N]")] = "auto",
+) -> None:
+    """Run (or reuse finished runs of) several strategies over seeds; print a Table-2 table."""
+    from cmmm.comparison import compare as compare_runs
+    from cmmm.comparison import expand_strategies
+    from cmmm.running import RunConfig
+
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    base = RunConfig(
+        stream=stream,
+        epochs=epochs,
+        pretrain_epochs=pretrain_epochs,
+        batch_size=batch_size,
+        lr=lr,
+        task_order=task_order,
+        task_data=task_data,
+        out=str(out),
+        device=device,
+    )
+    if data_dir is not None:
+        base.data_dir = str(data_dir)
+    if cache_dir is not None:
+        base.cache_dir = str(cache_dir)
+    names = expand_strategies(strategies, stream)
+    console.print(f"{stream}: {', '.join(names)} x seeds 0..{seeds - 1}", highlight=False)
+    comparison = compare_runs(
+        base, names, list(range(seeds)), log=lambda m: console.print(m, highlight=False)
+    )
+    markdown_path, csv_path = comparison.write(out)
+    print(comparison.markdown(), end="")
+    console.print(f"written: {markdown_path} and {csv_path}", highlight=False)
+    if all(o.status == "failed" for o in comparison.outcomes):
+        raise typer.Exit(code=1)
+
+
 def main() -> None:  # pragma: no cover - console script entry
     app()
 

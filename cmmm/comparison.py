@@ -1,0 +1,244 @@
+"""``cmmm compare``: run (or reuse) several strategies over several seeds, then one Table-2 table.
+
+Every (strategy, seed) pair is a ``RunConfig`` that differs from the base only in ``strategy``
+and ``seed``. When its ``run_dir()/results.json`` exists the run is reused, otherwise it is run;
+a failed run is reported and the others go on. Aggregation over seeds is ``cmmm.summary``'s
+(the same grouping and mean ± sample standard deviation as ``cmmm summarize``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from cmmm import running
+from cmmm.errors import ConfigError
+from cmmm.running import RunConfig, atomic_write_text
+from cmmm.summary import Aggregate, aggregate
+
+Status = Literal["reused", "ran", "failed"]
+
+
+@dataclass
+class RunOutcome:
+    strategy: str
+    seed: int
+    status: Status
+    results_path: Path
+    result: dict[str, Any] | None = None
+    error: str | None = None
+
+
+@dataclass
+class ComparisonRow:
+    """One strategy: its seeds aggregated by ``cmmm.summary``, or nothing if every run failed."""
+
+    strategy: str
+    buffer: int | None
+    aggregate: Aggregate | None
+    failed_seeds: list[int] = field(default_factory=list)
+
+    @staticmethod
+    def _mean(values: list[float]) -> float | None:
+        return statistics.mean(values) if values else None
+
+    @staticmethod
+    def _spread(values: list[float]) -> float | None:
+        return statistics.stdev(values) if len(values) > 1 else None
+
+    def markdown_cells(self) -> list[str]:
+        buffer = "-" if self.buffer is None else str(self.buffer)
+        failed = f" ({len(self.failed_seeds)} failed)" if self.failed_seeds else ""
+        agg = self.aggregate
+        if agg is None:
+            return [self.strategy, buffer, "failed", "failed", "-", "-", f"0{failed}"]
+        return [
+            self.strategy,
+            buffer,
+            Aggregate._mean_spread(agg.aa),
+            Aggregate._mean_spread(agg.fm),
+            f"{agg.trainable:,}",
+            f"{statistics.mean(agg.wall_seconds):.1f}",
+            f"{len(agg.seeds)}{failed}",
+        ]
+
+    def csv_record(self) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "strategy": self.strategy,
+            "buffer": "" if self.buffer is None else self.buffer,
+            "failed_seeds": " ".join(map(str, self.failed_seeds)),
+        }
+        agg = self.aggregate
+        if agg is not None:
+            record.update(
+                aa_mean=self._mean(agg.aa),
+                aa_std=self._spread(agg.aa),
+                fm_mean=self._mean(agg.fm),
+                fm_std=self._spread(agg.fm),
+                trainable=agg.trainable,
+                wall_seconds_mean=statistics.mean(agg.wall_seconds),
+                seeds=" ".join(map(str, agg.seeds)),
+            )
+        return {name: "" if record.get(name) is None else record[name] for name in CSV_FIELDS}
+
+
+MARKDOWN_HEADER = ["method", "buffer", "AA (%)", "FM", "trainable", "time/run (s)", "seeds"]
+CSV_FIELDS = [
+    "strategy",
+    "buffer",
+    "aa_mean",
+    "aa_std",
+    "fm_mean",
+    "fm_std",
+    "trainable",
+    "wall_seconds_mean",
+    "seeds",
+    "failed_seeds",
+]
+
+
+@dataclass
+class Comparison:
+    stream: str
+    outcomes: list[RunOutcome]
+    rows: list[ComparisonRow]
+
+    def markdown(self) -> str:
+        seeds = sorted({o.seed for o in self.outcomes})
+        lines = [
+            f"## {self.stream}: continual-learning comparison",
+            "",
+            f"AA and FM in %, mean ± sample standard deviation over seeds {seeds}; time is the "
+            "mean wall time of one run.",
+        ]
+        settings = sorted({row.aggregate.settings for row in self.rows if row.aggregate})
+        if settings:
+            lines += ["", "Settings: " + "; ".join(settings)]
+        lines += [
+            "",
+            "| " + " | ".join(MARKDOWN_HEADER) + " |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        lines += ["| " + " | ".join(row.markdown_cells()) + " |" for row in self.rows]
+        failures = [o for o in self.outcomes if o.status == "failed"]
+        if failures:
+            lines += ["", "Failed runs:", ""]
+            lines += [f"- {o.strategy} seed {o.seed}: {o.error}" for o in failures]
+        return "\n".join(lines) + "\n"
+
+    def csv(self) -> str:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        for row in self.rows:
+            writer.writerow(row.csv_record())
+        return buffer.getvalue()
+
+    def write(self, out: Path) -> tuple[Path, Path]:
+        markdown_path = out / f"compare-{self.stream}.md"
+        csv_path = out / f"compare-{self.stream}.csv"
+        atomic_write_text(markdown_path, self.markdown())
+        atomic_write_text(csv_path, self.csv())
+        return markdown_path, csv_path
+
+
+def expand_strategies(spec: str | Sequence[str], stream: str) -> list[str]:
+    """Strategy names from ``a,b,...``; ``all`` is every registered strategy.
+
+    A replay family name (``er``, ``agem``, ``icarl``, ``der``) stands for its two paper buffer
+    sizes on the stream (see ``strategies.replay.expand_family``); ``all`` lists each family at
+    those two sizes too, not at every registered size. Unknown names raise ``ConfigError``.
+    """
+    from strategies import STRATEGIES
+    from strategies.replay import SIZED_FAMILIES, expand_family
+
+    requested = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    requested = [s for s in requested if s]
+    if not requested:
+        raise ConfigError("--strategies names no strategy")
+    if "all" in requested:
+        sized = {f"{family}-" for family in SIZED_FAMILIES}
+        plain = [n for n in STRATEGIES.names() if not any(n.startswith(p) for p in sized)]
+        requested = plain + sorted(SIZED_FAMILIES)
+    names: list[str] = []
+    for name in requested:
+        for expanded in expand_family(name, stream):
+            STRATEGIES.get(expanded)  # ConfigError listing the valid names
+            if expanded not in names:
+                names.append(expanded)
+    return names
+
+
+def _buffer_of(result: dict[str, Any]) -> int | None:
+    value = result.get("strategy", {}).get("options", {}).get("mem_size")
+    return value if isinstance(value, int) else None
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def compare(
+    base: RunConfig,
+    strategies: Sequence[str],
+    seeds: Sequence[int],
+    log: Callable[[str], None] = print,
+) -> Comparison:
+    """Run or reuse every (strategy, seed) pair and aggregate them, one row per strategy."""
+    if not seeds:
+        raise ConfigError("--seeds must be >= 1")
+    configs = [
+        replace(base, strategy=strategy, seed=seed).resolved()
+        for strategy in strategies
+        for seed in seeds
+    ]
+    outcomes: list[RunOutcome] = []
+    for index, config in enumerate(configs, start=1):
+        path = config.run_dir() / "results.json"
+        label = f"[{index}/{len(configs)}] {config.strategy} seed {config.seed}"
+        result = _load(path) if path.exists() else None
+        if result is not None:
+            log(f"{label}: reusing {path}")
+            outcomes.append(RunOutcome(config.strategy, config.seed, "reused", path, result))
+            continue
+        if path.exists():
+            log(f"{label}: {path} is unreadable; running again")
+        log(f"{label}: running")
+        try:
+            # Looked up at call time so that tests can replace cmmm.running.run.
+            result = running.run(config, log=lambda message: log(f"  {message}"))
+        except Exception as error:  # noqa: BLE001 - reported; the other runs go on
+            message = f"{type(error).__name__}: {error}"
+            log(f"{label}: FAILED ({message})")
+            outcomes.append(RunOutcome(config.strategy, config.seed, "failed", path, None, message))
+            continue
+        outcomes.append(RunOutcome(config.strategy, config.seed, "ran", path, result))
+    return Comparison(stream=base.stream, outcomes=outcomes, rows=_rows(strategies, outcomes))
+
+
+def _rows(strategies: Sequence[str], outcomes: list[RunOutcome]) -> list[ComparisonRow]:
+    rows = []
+    for strategy in strategies:
+        mine = [o for o in outcomes if o.strategy == strategy]
+        results = [o.result for o in mine if o.result is not None]
+        groups = aggregate(results)
+        if len(groups) > 1:  # cannot happen: only strategy and seed vary
+            raise ConfigError(f"{strategy}: runs with different settings in one comparison")
+        rows.append(
+            ComparisonRow(
+                strategy=strategy,
+                buffer=_buffer_of(results[0]) if results else None,
+                aggregate=groups[0] if groups else None,
+                failed_seeds=[o.seed for o in mine if o.status == "failed"],
+            )
+        )
+    return rows

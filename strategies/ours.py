@@ -1,0 +1,687 @@
+"""The method (method.md): modality-specific, task-aware and task-specific prompts on a frozen MulT,
+with a contrastive loss between the task-aware prompts of missing patterns.
+
+Two strategies share this file: ``ours`` (continual, one experience per missing pattern) and
+``joint-ours`` (the paper's "Upperbound (ours)": the same prompts trained jointly on all tasks).
+Every reconstructed choice of method.md is a field of ``OursOptions`` with method.md's default.
+
+Prompts (L x d each, d = the model width, only on the cross-modal transformers; the memory
+self-attention transformers get none):
+
+* P_m, one per modality, shared by all tasks, attached to the branch of target m (the two
+  cross-modal transformers whose target is m; in general the M-1 of them).
+* The task-aware prompt P_TA = sum_m P^_m with P^_m = (delta_m k- + (1 - delta_m) k+) (.) P_m,
+  delta_m = 1 when m is missing in the sample; one P_TA per sample, the same for every branch.
+  ``task_aware_combine="concat"`` concatenates the P^_m along the length instead (M*L tokens).
+* Task-specific prompts: one set {P_TS,m^k} per missing pattern k (every non-empty pattern of
+  ``all_patterns(M)``, whatever the stream holds), selected per sample by its missing pattern, so
+  a batch may mix patterns. While training an experience only its pattern's set has
+  ``requires_grad`` (and enters the optimizer); ``joint-ours`` trains every set.
+
+Everything is keyed by the pattern (the tuple of present flags), never by the task index: a
+permuted task order builds the same prompts and the same loss.
+
+The contrastive task loss (``contrastive_task_loss``) is added by its own plugin in
+``before_backward``: L = L_task + lam * L_con.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cmmm.backbone import MulT, PromptContext, PromptSite
+from cmmm.errors import ConfigError
+from strategies.base import STRATEGIES, Strategy, StrategyContext
+from strategies.prompted_model import (
+    TRAINABLE_HEADS,
+    PromptedModel,
+    make_prompt_template,
+    set_requires_grad,
+)
+from streams.patterns import Pattern, all_patterns, pattern_code, short_name
+
+PROMPT_TYPES = ("m", "ta", "ts")
+PLACEMENTS = ("front", "back")
+COMBINES = ("sum", "concat")
+TASK_IDENTITIES = ("pattern", "oracle")
+
+
+# ------------------------------------------------------------------------------------------------
+# Options
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OursOptions:
+    """Every choice method.md leaves open ([R]), with its default there.
+
+    Layers (indices into the cross-modal transformers' layers, 0-based): with ``placement``
+    "front" the prompt types, taken in ``order``, occupy consecutive blocks from layer 0
+    (``depth_m`` = M1 layers of P_m, then ``depth_ta`` = M2 of P_TA, then ``depth_ts`` = M3 of
+    P_TS; default layers 0, 1, 2); "back" puts the same blocks against the last layer (Table 6).
+    A disabled type takes no layers (as if its depth were 0). ``layers_m``/``layers_ta``/
+    ``layers_ts`` (a list, or a comma string like "0,1") replace the computed layers of that type;
+    where two types share a layer their prompts are concatenated along the length, in ``order``.
+
+    ``prompt_dim`` must equal the model width d (None: d); a different value is rejected (no
+    linear map: method.md's prompts live in the width-d key/value space).
+
+    ``trainable_head``: method.md does not say whether the head trains. "none" (default) trains
+    prompts only, which keeps the method's parameters at a small share of the backbone (the paper
+    reports 2-3 %); "out" also trains ``out_layer``; "all" also ``proj1`` and ``proj2``. A
+    trainable head is shared by all tasks and so can forget.
+
+    ``task_identity``: "pattern" (default) selects each sample's task-specific prompts and its
+    task-aware mask from the sample's own presence mask. "oracle" uses the pattern of the task the
+    stream says the sample belongs to (Avalanche's task label) wherever Avalanche runs the model,
+    i.e. in training. The runner's evaluator passes no task labels, so at test time "oracle" reads
+    the presence mask too; on these streams every sample of a task carries exactly that task's
+    pattern, so the two coincide (tests/test_ours.py checks it).
+
+    ``positive_pairs``: "swap" (default) = the pairs of patterns related by swapping the first and
+    the last modality of the layout, which for (audio, video, text) is method.md's audio<->text
+    swap: {v,t}<->{a,v} and {a}<->{t}. Or an explicit list of code pairs, e.g. "vt-av,a-t" (Table
+    4's ablations: "a-t" or "vt-av" alone). A pair of single-modality patterns is weighted by
+    ``beta``, any other pair by 1. ``lam`` = 0 turns the loss off; so does
+    ``use_task_aware=false`` (the loss is defined on the task-aware prompts).
+    """
+
+    use_modality: bool = True
+    use_task_aware: bool = True
+    use_task_specific: bool = True
+    order: str = "m,ta,ts"
+    placement: str = "front"
+    depth_m: int = 1
+    depth_ta: int = 1
+    depth_ts: int = 1
+    layers_m: list[int] | None = None
+    layers_ta: list[int] | None = None
+    layers_ts: list[int] | None = None
+    prompt_length: int = 16
+    prompt_dim: int | None = None
+    prompt_init_std: float = 0.02
+    key_init: float = 1.0
+    task_aware_combine: str = "sum"
+    tau: float = 0.5
+    beta: float = 1.0
+    lam: float = 0.1
+    positive_pairs: str = "swap"
+    trainable_head: str = "none"
+    task_identity: str = "pattern"
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> OursOptions:
+        """Validate and normalise user options (CLI values arrive JSON-decoded or as strings)."""
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ConfigError(
+                f"unknown option(s) {', '.join(unknown)} for ours/joint-ours; valid options: "
+                f"{', '.join(valid)}"
+            )
+        values: dict[str, Any] = {}
+        for name, raw in options.items():
+            values[name] = _COERCE[name](name, raw)
+        return cls(**values).check()
+
+    def check(self) -> OursOptions:
+        for name in ("depth_m", "depth_ta", "depth_ts"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"ours: {name} must be >= 0, got {getattr(self, name)}")
+        if self.prompt_length < 1:
+            raise ConfigError(f"ours: prompt_length must be >= 1, got {self.prompt_length}")
+        if self.prompt_dim is not None and self.prompt_dim < 1:
+            raise ConfigError(f"ours: prompt_dim must be >= 1, got {self.prompt_dim}")
+        if self.prompt_init_std < 0:
+            raise ConfigError(f"ours: prompt_init_std must be >= 0, got {self.prompt_init_std}")
+        if not self.tau > 0:
+            raise ConfigError(f"ours: tau must be > 0, got {self.tau}")
+        for name in ("beta", "lam"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"ours: {name} must be >= 0, got {getattr(self, name)}")
+        for name, allowed in (
+            ("placement", PLACEMENTS),
+            ("task_aware_combine", COMBINES),
+            ("trainable_head", tuple(TRAINABLE_HEADS)),
+            ("task_identity", TASK_IDENTITIES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"ours: {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                )
+        self.prompt_order()  # validates
+        if not self.enabled_types() and self.trainable_head == "none":
+            raise ConfigError(
+                "ours: every prompt type is off and the head is frozen: nothing would train"
+            )
+        for kind in self.enabled_types():
+            if getattr(self, f"depth_{kind}") == 0 and getattr(self, f"layers_{kind}") is None:
+                raise ConfigError(
+                    f"ours: use_{_USE_FLAG[kind]} is on but depth_{kind} is 0 and no layers_{kind}"
+                    f" is given; turn use_{_USE_FLAG[kind]} off instead"
+                )
+        return self
+
+    def prompt_order(self) -> tuple[str, ...]:
+        items = tuple(s.strip() for s in self.order.split(",") if s.strip())
+        if sorted(items) != sorted(PROMPT_TYPES):
+            raise ConfigError(
+                f"ours: order must name each of {', '.join(PROMPT_TYPES)} once (e.g. "
+                f"'m,ta,ts'), got {self.order!r}"
+            )
+        return items
+
+    def enabled_types(self) -> tuple[str, ...]:
+        on = {
+            "m": self.use_modality,
+            "ta": self.use_task_aware,
+            "ts": self.use_task_specific,
+        }
+        return tuple(kind for kind in self.prompt_order() if on[kind])
+
+    def contrastive_enabled(self) -> bool:
+        return self.use_task_aware and self.lam > 0
+
+
+_USE_FLAG = {"m": "modality", "ta": "task_aware", "ts": "task_specific"}
+
+
+def _bool(name: str, raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.strip().lower() in ("true", "false"):
+        return raw.strip().lower() == "true"
+    raise ConfigError(f"ours: {name} must be true or false, got {raw!r}")
+
+
+def _int(name: str, raw: Any) -> int:
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str):
+        try:
+            return int(raw.strip())
+        except ValueError:
+            pass
+    raise ConfigError(f"ours: {name} must be an integer, got {raw!r}")
+
+
+def _optional_int(name: str, raw: Any) -> int | None:
+    if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("", "none", "null")):
+        return None
+    return _int(name, raw)
+
+
+def _float(name: str, raw: Any) -> float:
+    if isinstance(raw, int | float) and not isinstance(raw, bool):
+        value = float(raw)
+    elif isinstance(raw, str):
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ConfigError(f"ours: {name} must be a number, got {raw!r}") from None
+    else:
+        raise ConfigError(f"ours: {name} must be a number, got {raw!r}")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ConfigError(f"ours: {name} must be finite, got {raw!r}")
+    return value
+
+
+def _str(name: str, raw: Any) -> str:
+    if isinstance(raw, str):
+        return raw.strip()
+    raise ConfigError(f"ours: {name} must be a string, got {raw!r}")
+
+
+def _comma_list(name: str, raw: Any) -> str:
+    """A list option kept as a comma string: accepts a JSON list or a comma string."""
+    if isinstance(raw, list | tuple) and all(isinstance(s, str) for s in raw):
+        return ",".join(s.strip() for s in raw)
+    return _str(name, raw)
+
+
+def _layers(name: str, raw: Any) -> list[int] | None:
+    """A layer list: a JSON list, a comma string ("0,1"), a single integer, or None."""
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        text = raw.strip().strip("[]").strip()
+        if text.lower() in ("none", "null", "auto"):
+            return None
+        items: list[Any] = [s.strip() for s in text.split(",") if s.strip()]
+    elif isinstance(raw, int) and not isinstance(raw, bool):
+        items = [raw]
+    elif isinstance(raw, list | tuple):
+        items = list(raw)
+    else:
+        raise ConfigError(f"ours: {name} must be a list of layer indices, got {raw!r}")
+    layers = [_int(name, item) for item in items]
+    if not layers:
+        raise ConfigError(f"ours: {name} names no layer; omit it to use the placement")
+    if any(layer < 0 for layer in layers) or len(set(layers)) != len(layers):
+        raise ConfigError(f"ours: {name} must be distinct layer indices >= 0, got {raw!r}")
+    return sorted(layers)
+
+
+_COERCE = {
+    "use_modality": _bool,
+    "use_task_aware": _bool,
+    "use_task_specific": _bool,
+    "order": _comma_list,
+    "placement": _str,
+    "depth_m": _int,
+    "depth_ta": _int,
+    "depth_ts": _int,
+    "layers_m": _layers,
+    "layers_ta": _layers,
+    "layers_ts": _layers,
+    "prompt_length": _int,
+    "prompt_dim": _optional_int,
+    "prompt_init_std": _float,
+    "key_init": _float,
+    "task_aware_combine": _str,
+    "tau": _float,
+    "beta": _float,
+    "lam": _float,
+    "positive_pairs": _comma_list,
+    "trainable_head": _str,
+    "task_identity": _str,
+}
+assert set(_COERCE) == {f.name for f in fields(OursOptions)}
+
+
+def resolve_layers(options: OursOptions, num_layers: int) -> dict[str, tuple[int, ...]]:
+    """The cross-modal layers each prompt type is attached to (disabled types: none)."""
+    enabled = options.enabled_types()
+    depths = {kind: getattr(options, f"depth_{kind}") for kind in enabled}
+    total = sum(depths.values())
+    if total > num_layers:
+        raise ConfigError(
+            f"ours: the prompt types need {total} layers ("
+            + ", ".join(f"depth_{k}={d}" for k, d in depths.items())
+            + f") but the cross-modal transformers have {num_layers}; lower the depths or set "
+            "layers_m/layers_ta/layers_ts"
+        )
+    start = 0 if options.placement == "front" else num_layers - total
+    layers: dict[str, tuple[int, ...]] = {kind: () for kind in PROMPT_TYPES}
+    for kind in enabled:
+        layers[kind] = tuple(range(start, start + depths[kind]))
+        start += depths[kind]
+    for kind in enabled:
+        explicit = getattr(options, f"layers_{kind}")
+        if explicit is not None:
+            if max(explicit) >= num_layers:
+                raise ConfigError(
+                    f"ours: layers_{kind}={explicit} but the cross-modal transformers have "
+                    f"layers 0..{num_layers - 1}"
+                )
+            layers[kind] = tuple(explicit)
+    return layers
+
+
+# ------------------------------------------------------------------------------------------------
+# Patterns and the contrastive loss
+# ------------------------------------------------------------------------------------------------
+
+
+def pattern_key(pattern: Pattern) -> str:
+    """A parameter name for a pattern: "p" and its present bits in layout order, e.g. "p011"."""
+    return "p" + "".join("1" if present else "0" for present in pattern)
+
+
+def _code_map(modalities: tuple[str, ...]) -> dict[str, Pattern]:
+    return {pattern_code(p, modalities): p for p in all_patterns(len(modalities))}
+
+
+def positive_pairs(
+    modalities: tuple[str, ...], spec: str = "swap"
+) -> list[tuple[Pattern, Pattern]]:
+    """The positive pairs of the contrastive loss.
+
+    "swap": every pair of distinct patterns that swapping the first and the last modality of the
+    layout maps onto each other, in ``all_patterns`` order. For (audio, video, text) that is
+    method.md's audio<->text swap: [(v,t), (a,v)] and [(a), (t)]. Otherwise a comma list of
+    code pairs such as "vt-av,a-t" (codes of the present modalities, any letter order).
+    """
+    patterns = all_patterns(len(modalities))
+    if spec == "swap":
+        pairs: list[tuple[Pattern, Pattern]] = []
+        seen: set[frozenset[Pattern]] = set()
+        for p in patterns:
+            q = (p[-1], *p[1:-1], p[0]) if len(p) > 1 else p
+            if q != p and frozenset((p, q)) not in seen:
+                seen.add(frozenset((p, q)))
+                pairs.append((p, q))
+        return pairs
+    by_code = _code_map(modalities)
+    letters = "".join(short_name(m) for m in modalities)
+    pairs = []
+    for item in [s.strip() for s in spec.split(",") if s.strip()]:
+        codes = [c.strip() for c in item.split("-")]
+        if len(codes) != 2:
+            raise ConfigError(
+                f"ours: positive_pairs item {item!r} must be two codes joined by '-', e.g. 'vt-av'"
+            )
+        pair = []
+        for code in codes:
+            normal = "".join(sorted(code, key=letters.find))
+            if normal not in by_code:
+                raise ConfigError(
+                    f"ours: positive_pairs: {code!r} is not a pattern; use one of "
+                    f"{', '.join(by_code)}"
+                )
+            pair.append(by_code[normal])
+        if pair[0] == pair[1]:
+            raise ConfigError(f"ours: positive_pairs item {item!r} pairs a pattern with itself")
+        pairs.append((pair[0], pair[1]))
+    if not pairs:
+        raise ConfigError(f"ours: positive_pairs {spec!r} names no pair; set lam=0 to disable")
+    return pairs
+
+
+def contrastive_task_loss(
+    z: Mapping[Pattern, Tensor],
+    tau: float,
+    beta: float,
+    pairs: Sequence[tuple[Pattern, Pattern]],
+) -> Tensor:
+    """method.md's L_con on the (d,) vectors ``z`` of every pattern.
+
+    l(i, j) = -log( exp(sim(z_i, z_j)/tau) / sum_{k != i} exp(sim(z_i, z_k)/tau) ), sim = cosine,
+    k over every pattern of ``z``. Each pair (i, j) contributes w * (l(i,j) + l(j,i)) / 2, with
+    w = beta when both patterns have a single present modality and 1 otherwise; for the default
+    pairs that is 1/2 (l(vt,av) + l(av,vt)) + beta * 1/2 (l(a,t) + l(t,a)).
+    """
+    patterns = list(z)
+    if len(patterns) < 2:
+        raise ConfigError("the contrastive loss needs at least two patterns")
+    index = {p: i for i, p in enumerate(patterns)}
+    stacked = F.normalize(torch.stack([z[p] for p in patterns]), dim=1)
+    logits = stacked @ stacked.T / tau
+    eye = torch.eye(len(patterns), dtype=torch.bool, device=logits.device)
+    log_prob = logits - torch.logsumexp(logits.masked_fill(eye, float("-inf")), dim=1, keepdim=True)
+    total = logits.new_zeros(())
+    for p, q in pairs:
+        i, j = index[p], index[q]
+        weight = beta if sum(p) == 1 and sum(q) == 1 else 1.0
+        total = total + weight * 0.5 * (-log_prob[i, j] - log_prob[j, i])
+    return total
+
+
+# ------------------------------------------------------------------------------------------------
+# The prompt module
+# ------------------------------------------------------------------------------------------------
+
+
+class OursPrompts(nn.Module):
+    """All of the method's prompts and its ``prompt_for`` hook (see the module docstring)."""
+
+    def __init__(
+        self, modalities: Sequence[str], width: int, options: OursOptions, layers: dict[str, Any]
+    ) -> None:
+        super().__init__()
+        self.modalities = tuple(modalities)
+        self.width = width
+        self.length = options.prompt_length
+        self.order = options.prompt_order()
+        self.layers = {kind: tuple(layers.get(kind, ())) for kind in PROMPT_TYPES}
+        self.combine = options.task_aware_combine
+        self.task_identity = options.task_identity
+        self.patterns = all_patterns(len(self.modalities))
+        self.pattern_index = {p: i for i, p in enumerate(self.patterns)}
+        # presence bits (as a binary number, modality i = bit i) -> pattern index; -1: none.
+        lookup = torch.full((2 ** len(self.modalities),), -1, dtype=torch.long)
+        for i, p in enumerate(self.patterns):
+            lookup[sum(1 << b for b, present in enumerate(p) if present)] = i
+        self.register_buffer("_lookup", lookup, persistent=False)
+        self.register_buffer(
+            "_missing",
+            torch.tensor([[0.0 if present else 1.0 for present in p] for p in self.patterns]),
+            persistent=False,
+        )
+        # Set by the oracle plugin for the current minibatch: (B,) pattern indices.
+        self.oracle_indices: Tensor | None = None
+
+        std, shape = options.prompt_init_std, (self.length, width)
+        # Parameters are created in a fixed order (modalities, keys, patterns in all_patterns
+        # order), so the same seed gives the same prompts whatever the task order.
+        self.modality = nn.ParameterDict()
+        if options.use_modality or options.use_task_aware:
+            for m in self.modalities:
+                self.modality[m] = nn.Parameter(torch.randn(shape) * std)
+        self.key_present: nn.Parameter | None = None
+        self.key_missing: nn.Parameter | None = None
+        if options.use_task_aware:
+            self.key_present = nn.Parameter(torch.full((width,), options.key_init))
+            self.key_missing = nn.Parameter(torch.full((width,), options.key_init))
+        self.task_specific = nn.ParameterDict()
+        if options.use_task_specific:
+            for p in self.patterns:
+                self.task_specific[pattern_key(p)] = nn.Parameter(
+                    torch.randn(len(self.modalities), *shape) * std
+                )
+
+    # --- per-pattern quantities ----------------------------------------------------------------
+
+    def pattern_indices(self, presence: Tensor) -> Tensor:
+        """(B,) index into ``self.patterns`` of each sample's presence mask (B, M)."""
+        bits = (presence > 0.5).long()
+        powers = 2 ** torch.arange(bits.shape[1], device=bits.device)
+        index = self._lookup.to(bits.device)[(bits * powers).sum(dim=1)]
+        if (index < 0).any():
+            raise ConfigError("a sample has every modality missing; no prompt set exists for it")
+        return index
+
+    def sample_indices(self, ctx: PromptContext) -> Tensor:
+        if self.task_identity == "oracle" and self.oracle_indices is not None:
+            if self.oracle_indices.shape != (ctx.batch_size,):
+                raise ConfigError(
+                    f"oracle task identities for {tuple(self.oracle_indices.shape)} samples, "
+                    f"batch has {ctx.batch_size}"
+                )
+            return self.oracle_indices.to(ctx.device)
+        return self.pattern_indices(ctx.presence)
+
+    def task_aware_all(self) -> Tensor:
+        """(K, L or M*L, d): the task-aware prompt of every pattern (``self.patterns`` order)."""
+        if self.key_present is None or self.key_missing is None:
+            raise ConfigError("task-aware prompts are off (use_task_aware=false)")
+        prompts = torch.stack([self.modality[m] for m in self.modalities])  # (M, L, d)
+        missing = self._missing.to(prompts.device)[:, :, None]  # (K, M, 1)
+        scale = missing * self.key_missing + (1 - missing) * self.key_present  # (K, M, d)
+        masked = scale[:, :, None, :] * prompts[None]  # (K, M, L, d)
+        if self.combine == "sum":
+            return masked.sum(dim=1)
+        return masked.flatten(1, 2)
+
+    def task_specific_all(self) -> Tensor:
+        """(K, M, L, d): every pattern's task-specific set."""
+        return torch.stack([self.task_specific[pattern_key(p)] for p in self.patterns])
+
+    def task_specific_set(self, pattern: Pattern) -> nn.Parameter:
+        return self.task_specific[pattern_key(tuple(pattern))]
+
+    def pattern_summaries(self) -> dict[Pattern, Tensor]:
+        """z_k: each pattern's task-aware prompt averaged over its length, (d,)."""
+        task_aware = self.task_aware_all()
+        return {p: task_aware[i].mean(dim=0) for i, p in enumerate(self.patterns)}
+
+    # --- the hook ------------------------------------------------------------------------------
+
+    def prompt_for(self, site: PromptSite, ctx: PromptContext) -> Tensor | None:
+        if not site.is_cross:
+            return None
+        kinds = [kind for kind in self.order if site.layer in self.layers[kind]]
+        if not kinds:
+            return None
+        if site.width != self.width:
+            raise ConfigError(f"prompts have width {self.width}, site {site.name} {site.width}")
+        indices = self.sample_indices(ctx)
+        branch = self.modalities.index(site.target)
+        parts = []
+        for kind in kinds:
+            if kind == "m":
+                prompt = self.modality[site.target].unsqueeze(0).expand(ctx.batch_size, -1, -1)
+            elif kind == "ta":
+                prompt = self.task_aware_all()[indices]
+            else:
+                prompt = self.task_specific_all()[indices, branch]
+            parts.append(prompt)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Plugins
+# ------------------------------------------------------------------------------------------------
+
+
+def _supervised_plugin() -> type:
+    from avalanche.core import SupervisedPlugin
+
+    return SupervisedPlugin
+
+
+def make_task_specific_selector(
+    model: PromptedModel, prompts: OursPrompts, patterns: Sequence[Pattern], joint: bool
+) -> Any:
+    """A plugin: at ``before_training_exp`` only the experience's task-specific set trains.
+
+    Experience i has pattern ``patterns[i]`` (the stream's order). The selector sets
+    ``requires_grad`` (every set for joint training), then rebuilds the optimizer, because
+    Avalanche builds it before plugins' ``before_training_exp``. After the experience, every
+    method parameter is marked trainable again: outside training ``requires_grad`` marks the
+    parameters the method trains over the whole stream (all prompts), which is what the runner
+    counts as trainable; the backbone stays frozen throughout.
+    """
+
+    class TaskSpecificSelector(_supervised_plugin()):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.current: Pattern | None = None
+
+        def before_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+            set_requires_grad(model.method_parameters(), True)
+            if not joint:
+                self.current = tuple(patterns[strategy.experience.current_experience])
+                for p in prompts.patterns:
+                    if pattern_key(p) in prompts.task_specific:
+                        set_requires_grad([prompts.task_specific_set(p)], p == self.current)
+            strategy.make_optimizer()
+
+        def after_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+            self.current = None
+            set_requires_grad(model.method_parameters(), True)
+
+    return TaskSpecificSelector()
+
+
+def make_contrastive_plugin(
+    prompts: OursPrompts, options: OursOptions, pairs: Sequence[tuple[Pattern, Pattern]]
+) -> Any:
+    """A plugin adding lam * L_con to the loss of every training minibatch (``before_backward``).
+    The z_k come from the shared parameters only, so no data of other tasks is needed."""
+
+    class ContrastiveTaskLoss(_supervised_plugin()):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.last_value: float | None = None
+
+        def before_backward(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+            loss = contrastive_task_loss(
+                prompts.pattern_summaries(), options.tau, options.beta, pairs
+            )
+            self.last_value = float(loss.detach())
+            strategy.loss = strategy.loss + options.lam * loss
+
+    return ContrastiveTaskLoss()
+
+
+def make_oracle_plugin(prompts: OursPrompts, patterns: Sequence[Pattern]) -> Any:
+    """A plugin giving each minibatch sample the pattern of its task (Avalanche's task label =
+    the experience index in this stream) wherever Avalanche runs the model."""
+    table = torch.tensor([prompts.pattern_index[tuple(p)] for p in patterns], dtype=torch.long)
+
+    class OracleTaskIdentity(_supervised_plugin()):  # type: ignore[misc]
+        def _set(self, strategy: Any) -> None:
+            labels = strategy.mb_task_id.long().cpu()
+            prompts.oracle_indices = table[labels].to(strategy.device)
+
+        def _clear(self, strategy: Any) -> None:
+            prompts.oracle_indices = None
+
+        def before_forward(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+            self._set(strategy)
+
+        def after_forward(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+            self._clear(strategy)
+
+        def before_eval_forward(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+            self._set(strategy)
+
+        def after_eval_forward(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+            self._clear(strategy)
+
+    return OracleTaskIdentity()
+
+
+# ------------------------------------------------------------------------------------------------
+# The strategies
+# ------------------------------------------------------------------------------------------------
+
+
+@STRATEGIES.register(
+    "ours",
+    "The method: modality, task-aware and task-specific prompts on the frozen MulT, "
+    "with the contrastive task loss",
+)
+class Ours(Strategy):
+    def __init__(self, **options: Any) -> None:
+        super().__init__()
+        self.config = OursOptions.from_options(options)
+        self.resolved_layers: dict[str, tuple[int, ...]] | None = None
+        self.model: PromptedModel | None = None
+        self.prompts: OursPrompts | None = None
+        self.plugins: list[Any] = []
+
+    def options(self) -> dict[str, Any]:
+        return asdict(self.config)
+
+    def build(self, ctx: StrategyContext) -> Any:
+        backbone = ctx.model
+        if not isinstance(backbone, MulT):
+            raise ConfigError(f"ours needs the MulT backbone, got {type(backbone).__name__}")
+        options = self.config
+        width = backbone.config.d_model
+        if options.prompt_dim is not None and options.prompt_dim != width:
+            raise ConfigError(
+                f"ours: prompt_dim={options.prompt_dim} but the model width d is {width}; the "
+                "prompts are key/value tokens of width d (set prompt_dim to d or omit it)"
+            )
+        modalities = backbone.layout.modalities
+        self.resolved_layers = resolve_layers(options, backbone.config.layers)
+        pairs: list[tuple[Pattern, Pattern]] = []
+        if options.contrastive_enabled():
+            pairs = positive_pairs(modalities, options.positive_pairs)
+        prompts = OursPrompts(modalities, width, options, self.resolved_layers)
+        model = PromptedModel(backbone, prompts, options.trainable_head)
+        patterns = [tuple(task.pattern) for task in ctx.stream.tasks]
+        plugins = [make_task_specific_selector(model, prompts, patterns, self.joint)]
+        if pairs:
+            plugins.append(make_contrastive_plugin(prompts, options, pairs))
+        if options.task_identity == "oracle":
+            plugins.append(make_oracle_plugin(prompts, patterns))
+        self.model, self.prompts, self.plugins = model, prompts, plugins
+        return make_prompt_template(model, ctx, joint=self.joint, plugins=plugins)
+
+
+@STRATEGIES.register(
+    "joint-ours",
+    "Upperbound (ours): the method's prompts trained jointly on all tasks together",
+)
+class JointOurs(Ours):
+    joint = True

@@ -1,0 +1,196 @@
+"""`cmmm compare`: runs what is missing, reuses what exists, and tabulates mean ± spread."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+import cmmm.running
+from cmmm.cli import app
+from cmmm.comparison import compare, expand_strategies
+from cmmm.errors import ConfigError
+from cmmm.running import RunConfig, atomic_write_text
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+class CountingRun:
+    """Wraps ``cmmm.running.run`` (or a fake) and counts the runs actually started."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.calls: list[tuple[str, int]] = []
+
+    def __call__(self, config: RunConfig, log: Any = print, **kwargs: Any) -> dict[str, Any]:
+        self.calls.append((config.strategy, config.seed))
+        return self.inner(config, log=log, **kwargs)
+
+
+def fake_aa(strategy: str, seed: int) -> float:
+    return 50.0 + 3.0 * len(strategy) + 2.0 * seed * seed
+
+
+def fake_fm(strategy: str, seed: int) -> float:
+    return 1.0 + 0.5 * seed - 0.1 * len(strategy)
+
+
+def fake_run(config: RunConfig, log: Any = print, **_: Any) -> dict[str, Any]:
+    """What ``run`` writes, with made-up numbers that depend on strategy and seed."""
+    config = config.resolved()
+    options = {"mem_size": int(config.strategy.split("-")[1])} if "-" in config.strategy else {}
+    result = {
+        "config": asdict(config),
+        "run_dir": str(config.run_dir()),
+        "strategy": {"name": config.strategy, "joint": False, "options": options},
+        "aa": fake_aa(config.strategy, config.seed),
+        "fm": fake_fm(config.strategy, config.seed),
+        "bwt": -fake_fm(config.strategy, config.seed),
+        "parameters": {"trainable": 1000 + len(config.strategy)},
+        "wall_time_seconds": 10.0 + config.seed,
+    }
+    atomic_write_text(config.run_dir() / "results.json", json.dumps(result))
+    return result
+
+
+def table_rows(markdown: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in markdown.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and cells[0] not in ("method",):
+            rows[cells[0]] = cells
+    return rows
+
+
+def test_compare_runs_missing_runs_then_reuses_them(tiny_config, monkeypatch) -> None:
+    counting = CountingRun(cmmm.running.run)
+    monkeypatch.setattr(cmmm.running, "run", counting)
+    base = tiny_config()
+    first = compare(base, ["naive", "er-250"], [0, 1], log=quiet)
+    assert sorted(counting.calls) == [("er-250", 0), ("er-250", 1), ("naive", 0), ("naive", 1)]
+    assert [o.status for o in first.outcomes] == ["ran"] * 4
+    stamps = {o.results_path: o.results_path.stat().st_mtime_ns for o in first.outcomes}
+
+    logs: list[str] = []
+    second = compare(base, ["naive", "er-250"], [0, 1], log=logs.append)
+    assert len(counting.calls) == 4  # nothing ran again
+    assert [o.status for o in second.outcomes] == ["reused"] * 4
+    assert sum("reusing" in m for m in logs) == 4
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert second.markdown() == first.markdown()
+
+    rows = table_rows(second.markdown())
+    aa = [json.loads(o.results_path.read_text())["aa"] for o in first.outcomes[:2]]
+    assert rows["naive"][1] == "-" and rows["er-250"][1] == "250"
+    assert rows["naive"][2] == f"{statistics.mean(aa):.2f} ± {statistics.stdev(aa):.2f}"
+
+    # A third seed runs only the missing pairs.
+    compare(base, ["naive", "er-250"], [0, 1, 2], log=quiet)
+    assert sorted(counting.calls[4:]) == [("er-250", 2), ("naive", 2)]
+
+
+def test_tables_hold_mean_and_spread_of_the_runs(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(cmmm.running, "run", fake_run)
+    base = RunConfig(stream="synthetic", out=str(tmp_path), cache_dir=str(tmp_path / "c"))
+    comparison = compare(base, ["naive", "er-500", "ewc"], [0, 1, 2], log=quiet)
+    md_path, csv_path = comparison.write(tmp_path)
+    assert md_path == tmp_path / "compare-synthetic.md"
+    assert csv_path == tmp_path / "compare-synthetic.csv"
+
+    rows = table_rows(md_path.read_text())
+    assert list(rows) == ["naive", "er-500", "ewc"]
+    records = {r["strategy"]: r for r in csv.DictReader(io.StringIO(csv_path.read_text()))}
+    for strategy in ("naive", "er-500", "ewc"):
+        aa = [fake_aa(strategy, s) for s in range(3)]
+        fm = [fake_fm(strategy, s) for s in range(3)]
+        cells = rows[strategy]
+        assert cells[2] == f"{statistics.mean(aa):.2f} ± {statistics.stdev(aa):.2f}"
+        assert cells[3] == f"{statistics.mean(fm):.2f} ± {statistics.stdev(fm):.2f}"
+        assert cells[4] == f"{1000 + len(strategy):,}"
+        assert cells[5] == "11.0"  # mean wall time of seeds 0, 1, 2: 10, 11, 12 s
+        assert cells[6] == "3"
+        record = records[strategy]
+        assert float(record["aa_mean"]) == pytest.approx(statistics.mean(aa))
+        assert float(record["aa_std"]) == pytest.approx(statistics.stdev(aa))
+        assert float(record["fm_mean"]) == pytest.approx(statistics.mean(fm))
+        assert float(record["fm_std"]) == pytest.approx(statistics.stdev(fm))
+        assert record["seeds"] == "0 1 2" and record["failed_seeds"] == ""
+    assert rows["er-500"][1] == records["er-500"]["buffer"] == "500"
+    assert rows["ewc"][1] == "-" and records["ewc"]["buffer"] == ""
+
+
+def test_a_failed_run_is_reported_and_the_others_continue(tmp_path: Path, monkeypatch) -> None:
+    def flaky(config: RunConfig, log: Any = print, **kwargs: Any) -> dict[str, Any]:
+        if config.strategy == "si" or (config.strategy == "lwf" and config.seed == 1):
+            raise RuntimeError(f"boom {config.strategy} {config.seed}")
+        return fake_run(config, log=log, **kwargs)
+
+    monkeypatch.setattr(cmmm.running, "run", flaky)
+    base = RunConfig(stream="synthetic", out=str(tmp_path), cache_dir=str(tmp_path / "c"))
+    comparison = compare(base, ["lwf", "si", "naive"], [0, 1], log=quiet)
+    statuses = {(o.strategy, o.seed): o.status for o in comparison.outcomes}
+    assert statuses == {
+        ("lwf", 0): "ran",
+        ("lwf", 1): "failed",
+        ("si", 0): "failed",
+        ("si", 1): "failed",
+        ("naive", 0): "ran",
+        ("naive", 1): "ran",
+    }
+    markdown = comparison.markdown()
+    rows = table_rows(markdown)
+    assert rows["lwf"][2] == f"{fake_aa('lwf', 0):.2f}" and rows["lwf"][6] == "1 (1 failed)"
+    assert rows["si"][2] == "failed" and rows["si"][6] == "0 (2 failed)"
+    assert "- lwf seed 1: RuntimeError: boom lwf 1" in markdown
+    # Nothing was written for the failed runs: the next comparison tries them again.
+    calls = CountingRun(fake_run)
+    monkeypatch.setattr(cmmm.running, "run", calls)
+    compare(base, ["lwf", "si", "naive"], [0, 1], log=quiet)
+    assert sorted(calls.calls) == [("lwf", 1), ("si", 0), ("si", 1)]
+
+
+def test_strategy_lists_expand_families_and_all() -> None:
+    assert expand_strategies("naive, er,der-1000", "synthetic") == [
+        "naive",
+        "er-250",
+        "er-500",
+        "der-1000",
+    ]
+    every = expand_strategies("all", "iemocap")
+    assert {"naive", "joint", "ewc", "lwf", "si"} <= set(every)
+    for family in ("er", "agem", "icarl", "der"):
+        assert f"{family}-500" in every and f"{family}-1000" in every
+        assert f"{family}-250" not in every
+    with pytest.raises(ConfigError, match="unknown strategy 'nope'.*valid names"):
+        expand_strategies("naive,nope", "mosi")
+
+
+def test_cli_compare_prints_and_writes_the_table(tmp_path: Path, monkeypatch) -> None:
+    counting = CountingRun(fake_run)
+    monkeypatch.setattr(cmmm.running, "run", counting)
+    args = ["compare", "--stream", "synthetic", "--strategies", "naive,er", "--seeds", "2"]
+    args += ["--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert len(counting.calls) == 6
+    for name in ("naive", "er-250", "er-500"):
+        assert f"| {name} |" in result.output
+    written = (tmp_path / "compare-synthetic.md").read_text()
+    assert table_rows(written) == table_rows(result.output)
+    assert (tmp_path / "compare-synthetic.csv").read_text().count("\n") == 4
+
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and len(counting.calls) == 6
+    assert "reusing" in again.output
+
+    bad = CliRunner().invoke(app, [*args[:4], "naive,bogus", *args[5:]])
+    assert bad.exit_code == 2 and "unknown strategy 'bogus'" in bad.output
