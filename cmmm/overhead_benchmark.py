@@ -2,9 +2,9 @@
 
 Both sides train the same pre-trained MulT (same initial weights) with Adam on the same tasks in
 the same order, one optimizer whose state carries over between tasks (as Avalanche's ``Naive``
-does), the same batch size and epochs, and no evaluation. The only difference is the loop: Avalanche's
-``Naive`` strategy over the benchmark's experiences versus ``plain_training.train_epoch`` over
-in-memory tensors.
+does), the same batch size and epochs, and no evaluation. The only difference is the loop:
+Avalanche's ``Naive`` strategy over the benchmark's experiences versus
+``plain_training.train_epoch`` over in-memory tensors.
 """
 
 from __future__ import annotations
