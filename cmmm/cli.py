@@ -340,6 +340,39 @@ def compare(
         raise typer.Exit(code=1)
 
 
+@app.command()
+@reports_errors
+def experiment(
+    file: Annotated[Path, typer.Argument(help="an experiment TOML file (see experiments/)")],
+    seeds: Annotated[
+        str | None, typer.Option(help="comma-separated seeds, replacing the file's")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="epochs per task for every row")] = None,
+    out: Annotated[Path, typer.Option(help="runs and the table go here")] = Path("runs"),
+    data_dir: Annotated[Path | None, typer.Option(help="data directory")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="cache directory")] = None,
+) -> None:
+    """Run (or reuse) every row of an experiment file for every seed; write a Markdown table."""
+    from cmmm.experiments import load_experiment, run_experiment
+
+    overrides: dict[str, Any] = {"out": str(out)}
+    if epochs is not None:
+        overrides["epochs"] = epochs
+    if data_dir is not None:
+        overrides["data_dir"] = str(data_dir)
+    if cache_dir is not None:
+        overrides["cache_dir"] = str(cache_dir)
+    spec = load_experiment(file, overrides)
+    if seeds is not None:
+        try:
+            spec.seeds = [int(s) for s in seeds.split(",") if s.strip()]
+        except ValueError:
+            raise ConfigError(f"--seeds {seeds!r}: write comma-separated integers") from None
+    table, path = run_experiment(spec, out, log=lambda m: console.print(m, highlight=False))
+    print(table)
+    console.print(f"table written to {path}", highlight=False)
+
+
 def main() -> None:  # pragma: no cover - console script entry
     app()
 

@@ -201,28 +201,35 @@ def compare(
         for strategy in strategies
         for seed in seeds
     ]
-    outcomes: list[RunOutcome] = []
-    for index, config in enumerate(configs, start=1):
-        path = config.run_dir() / "results.json"
-        label = f"[{index}/{len(configs)}] {config.strategy} seed {config.seed}"
-        result = _load(path) if path.exists() else None
-        if result is not None:
-            log(f"{label}: reusing {path}")
-            outcomes.append(RunOutcome(config.strategy, config.seed, "reused", path, result))
-            continue
-        if path.exists():
-            log(f"{label}: {path} is unreadable; running again")
-        log(f"{label}: running")
-        try:
-            # Looked up at call time so that tests can replace cmmm.running.run.
-            result = running.run(config, log=lambda message: log(f"  {message}"))
-        except Exception as error:  # noqa: BLE001 - reported; the other runs go on
-            message = f"{type(error).__name__}: {error}"
-            log(f"{label}: FAILED ({message})")
-            outcomes.append(RunOutcome(config.strategy, config.seed, "failed", path, None, message))
-            continue
-        outcomes.append(RunOutcome(config.strategy, config.seed, "ran", path, result))
+    outcomes = [
+        run_or_reuse(config, f"[{index}/{len(configs)}] {config.strategy} seed {config.seed}", log)
+        for index, config in enumerate(configs, start=1)
+    ]
     return Comparison(stream=base.stream, outcomes=outcomes, rows=_rows(strategies, outcomes))
+
+
+def run_or_reuse(config: RunConfig, label: str, log: Callable[[str], None]) -> RunOutcome:
+    """The run's results: read from ``run_dir()/results.json`` when present, else run now.
+
+    A failure is returned as a ``failed`` outcome (and logged) so that the caller's other runs
+    go on; an unreadable results file is run again.
+    """
+    path = config.run_dir() / "results.json"
+    result = _load(path) if path.exists() else None
+    if result is not None:
+        log(f"{label}: reusing {path}")
+        return RunOutcome(config.strategy, config.seed, "reused", path, result)
+    if path.exists():
+        log(f"{label}: {path} is unreadable; running again")
+    log(f"{label}: running")
+    try:
+        # Looked up at call time so that tests can replace cmmm.running.run.
+        result = running.run(config, log=lambda message: log(f"  {message}"))
+    except Exception as error:  # noqa: BLE001 - reported; the other runs go on
+        message = f"{type(error).__name__}: {error}"
+        log(f"{label}: FAILED ({message})")
+        return RunOutcome(config.strategy, config.seed, "failed", path, None, message)
+    return RunOutcome(config.strategy, config.seed, "ran", path, result)
 
 
 def _rows(strategies: Sequence[str], outcomes: list[RunOutcome]) -> list[ComparisonRow]:

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from cmmm.errors import ConfigError
 from cmmm.registry import Registry
 from streams.missing_stream import MissingModalityStream
 
@@ -64,7 +65,9 @@ class Strategy:
 
     def __init__(self, **options: Any) -> None:
         if options:
-            raise TypeError(f"{type(self).__name__} takes no options, got {sorted(options)}")
+            raise ConfigError(
+                f"strategy {type(self).__name__} takes no options, got {sorted(options)}"
+            )
 
     def build(self, ctx: StrategyContext) -> Any:
         raise NotImplementedError

@@ -1,0 +1,106 @@
+"""Experiment files: parsing, merging of options, and the table they produce."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cmmm.cli import app
+from cmmm.errors import ConfigError
+from cmmm.experiments import load_experiment, run_experiment
+from strategies import STRATEGIES
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = """
+title = "tiny"
+stream = "synthetic"
+seeds = [0, 1]
+
+[base]
+strategy = "ours"
+epochs = 1
+pretrain_epochs = 1
+stream_options = { n_train = 48, n_valid = 16, n_test = 32 }
+backbone_options = { layers = 3, self_layers = 1 }
+strategy_options = { lam = 0.0, prompt_length = 2 }
+
+[[rows]]
+label = "naive"
+strategy = "naive"
+
+[[rows]]
+label = "P_TS only"
+paper = "1.0 / 2.0"
+strategy_options = { use_modality = false, use_task_aware = false }
+"""
+
+
+def test_rows_merge_options_and_other_strategies_do_not_inherit(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY)
+    experiment = load_experiment(path, {"out": str(tmp_path / "runs")})
+    naive, prompts = experiment.rows
+    assert naive.config.strategy == "naive" and naive.config.strategy_options == {}
+    assert prompts.config.strategy_options == {
+        "lam": 0.0,
+        "prompt_length": 2,
+        "use_modality": False,
+        "use_task_aware": False,
+    }
+    assert prompts.config.backbone_options == {"layers": 3, "self_layers": 1}
+    assert prompts.config.out == str(tmp_path / "runs")
+
+
+def test_bad_files_say_what_is_wrong(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('seeds = [0]\n[[rows]]\nlabel = "x"\nepochz = 3\n')
+    with pytest.raises(ConfigError, match="epochz"):
+        load_experiment(path)
+    path.write_text("seeds = [0]\n")
+    with pytest.raises(ConfigError, match="rows"):
+        load_experiment(path)
+    path.write_text("not = [toml")
+    with pytest.raises(ConfigError, match="TOML"):
+        load_experiment(path)
+
+
+def test_every_shipped_experiment_file_is_valid() -> None:
+    files = sorted((REPO / "experiments").glob("*.toml"))
+    assert {f.stem for f in files} >= {"main", "table3", "table4", "table5", "table6", "figure5"}
+    for file in files:
+        for row in load_experiment(file).rows:
+            row.config.resolved()
+            STRATEGIES.get(row.config.strategy).factory(**row.config.strategy_options)
+
+
+def test_run_writes_a_table_and_reuses_finished_runs(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY)
+    overrides = {"out": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache")}
+    experiment = load_experiment(path, overrides)
+    table, written = run_experiment(experiment, tmp_path / "runs", log=lambda _: None)
+    assert written.read_text() == table
+    assert "| naive |" in table and "| P_TS only |" in table and "1.0 / 2.0" in table
+    messages: list[str] = []
+    run_experiment(experiment, tmp_path / "runs", log=messages.append)
+    assert sum("reusing" in m for m in messages) == 4
+    assert not any(m.endswith(": running") for m in messages)
+
+    result = CliRunner().invoke(
+        app,
+        [
+            "experiment",
+            str(path),
+            "--seeds",
+            "0",
+            "--out",
+            str(tmp_path / "runs"),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "| P_TS only |" in result.output
