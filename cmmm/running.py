@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from avalanche.core import SupervisedPlugin
 from torch import nn
 
 from cmmm.errors import ConfigError
@@ -212,39 +213,36 @@ def prepare(config: RunConfig, log: Callable[[str], None]) -> PreparedRun:
     return PreparedRun(stream=stream, backbone=backbone, pretraining=record, device=device)
 
 
-class TrainingMonitor:
-    """An Avalanche plugin that reports per-epoch training loss to TensorBoard and the display."""
+class TrainingMonitor(SupervisedPlugin):
+    """Reports each epoch's mean training loss to TensorBoard and to the progress display."""
 
     def __init__(self, writer: Any, on_epoch: Callable[[int, int, float], None]) -> None:
-        from avalanche.core import SupervisedPlugin
-
-        monitor = self
-
-        class _Plugin(SupervisedPlugin):
-            def before_training_epoch(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
-                monitor._sum, monitor._n = 0.0, 0
-
-            def after_training_iteration(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
-                batch = len(strategy.mb_y)
-                monitor._sum += float(strategy.loss.detach()) * batch
-                monitor._n += batch
-
-            def after_training_epoch(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
-                loss = monitor._sum / max(monitor._n, 1)
-                writer.add_scalar(f"train_loss/step{monitor.step}", loss, monitor.epoch)
-                writer.add_scalar("train_loss/all", loss, monitor.global_epoch)
-                on_epoch(monitor.step, monitor.epoch, loss)
-                monitor.epoch += 1
-                monitor.global_epoch += 1
-
-        self.plugin = _Plugin()
+        super().__init__()
+        self.writer = writer
+        self.on_epoch = on_epoch
         self.step = 0
         self.epoch = 0
         self.global_epoch = 0
-        self._sum, self._n = 0.0, 0
+        self._loss_sum, self._samples = 0.0, 0
 
     def start_step(self, step: int) -> None:
         self.step, self.epoch = step, 0
+
+    def before_training_epoch(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        self._loss_sum, self._samples = 0.0, 0
+
+    def after_training_iteration(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        batch = len(strategy.mb_y)
+        self._loss_sum += float(strategy.loss.detach()) * batch
+        self._samples += batch
+
+    def after_training_epoch(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+        loss = self._loss_sum / max(self._samples, 1)
+        self.writer.add_scalar(f"train_loss/step{self.step}", loss, self.epoch)
+        self.writer.add_scalar("train_loss/all", loss, self.global_epoch)
+        self.on_epoch(self.step, self.epoch, loss)
+        self.epoch += 1
+        self.global_epoch += 1
 
 
 def run(
@@ -272,7 +270,7 @@ def run(
     run_dir.mkdir(parents=True, exist_ok=True)
     writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
     monitor = TrainingMonitor(writer, on_epoch or (lambda *_: None))
-    ctx = prepared.strategy_context(config, plugins=[monitor.plugin])
+    ctx = prepared.strategy_context(config, plugins=[monitor])
     template = strategy.build(ctx)
     model: nn.Module = template.model
     evaluator = Evaluator(
