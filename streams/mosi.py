@@ -69,7 +69,8 @@ class MosiFile(NamedTuple):
 
 
 def _bclstm(path: str, sha256: str, size: int) -> MosiFile:
-    return MosiFile(f"bc-LSTM/{path}", _BCLSTM_BASE + path, sha256, size)
+    # Same relative path locally and in the repository (``bc-LSTM/data/...``).
+    return MosiFile(f"bc-LSTM/{path}", f"{_BCLSTM_BASE}bc-LSTM/{path}", sha256, size)
 
 
 # Checksums and sizes from SOURCES.md. The LICENSE has none there; its checksum is that of the

@@ -256,3 +256,22 @@ def test_source_that_is_neither_url_nor_directory(tmp_path: Path) -> None:
     with pytest.raises(DownloadError, match="neither a URL"):
         download_dataset("mosi", tmp_path / "data", source=str(tmp_path / "absent"), log=_quiet)
     assert not (tmp_path / "data" / "mosi").exists()
+
+
+def test_public_addresses_are_the_repository_paths_of_sources_md() -> None:
+    # SOURCES.md: declare-lab/multimodal-deep-learning @ 111b401... : bc-LSTM/data/<file>, and
+    # the LICENSE at that repository's root; the labels from worldreboot/... : cmumosi/<file>.
+    base = (
+        "https://raw.githubusercontent.com/declare-lab/multimodal-deep-learning/"
+        "111b401d867c14a1dcd930fd2b2ab58a5eca3f70/"
+    )
+    by_path = {entry.path: entry.url for entry in MOSI_FILES}
+    assert by_path["bc-LSTM/data/transcripts.csv"] == base + "bc-LSTM/data/transcripts.csv"
+    assert by_path["bc-LSTM/data/audio/audio_test0.csv"] == (
+        base + "bc-LSTM/data/audio/audio_test0.csv"
+    )
+    assert by_path["bc-LSTM/LICENSE"] == base + "LICENSE"
+    assert by_path["labels/CMU_MOSI_Opinion_Labels.csd"] == (
+        "https://raw.githubusercontent.com/worldreboot/audio-text-sentiment-analysis/"
+        "40df4d8e7ed1b120e2a36286d96b3b6968e00b13/cmumosi/CMU_MOSI_Opinion_Labels.csd"
+    )
