@@ -1,0 +1,631 @@
+"""Figures of finished runs: forgetting curves, the accuracy matrix, and a strategy comparison.
+
+Everything here reads ``results.json`` files (see ``cmmm.running``) and draws with matplotlib's
+object API (``matplotlib.figure.Figure``, no pyplot state), so it works headless and in tests.
+
+- ``forgetting_curves``: accuracy on every task after every training step, one line per task,
+  solid from the step the task is trained on, dotted (faded) before it. Several seeds of one
+  strategy: the seed mean, with a min-max band. Several strategies: one panel each plus an
+  "AA so far" panel (mean ± std over seeds; joint training as a horizontal reference line).
+- ``accuracy_heatmap``: the accuracy matrix (seed mean) with the values in the cells.
+- ``strategy_comparison``: AA and FM per strategy, mean ± std over seeds, seeds as dots.
+
+Every plotting function returns the ``Figure``; the drawn lines carry a ``gid`` ("<strategy
+label>|<task name>", "aa_so_far|<strategy label>") so callers and tests can find their data.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from matplotlib.colors import to_rgb
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch, Rectangle
+
+from cmmm.errors import ConfigError, DataError
+
+Kind = Literal["curves", "heatmap", "compare", "all"]
+KINDS: tuple[str, ...] = ("curves", "heatmap", "compare", "all")
+SUFFIXES: tuple[str, ...] = (".png", ".svg")
+DPI = 110
+PALETTE_ABOVE_BYTES = 200_000
+
+# How the streams `cmmm run --stream` knows are named in titles; others fall back to `source`.
+STREAM_LABELS = {
+    "mosi": "CMU-MOSI (real, bc-LSTM features)",
+    "mosi-pkl": "CMU-MOSI (real, pickled MulT/MMSA features)",
+    "iemocap": "IEMOCAP (real, 4 emotions)",
+    "sims": "CH-SIMS (real)",
+    "synthetic": "synthetic regression stream (not real data)",
+    "synthetic-cls": "synthetic 4-class stream (not real data)",
+}
+METRIC_LABELS = {
+    "mosi": "binary accuracy on non-zero labels (Acc-2)",
+    "sims": "binary accuracy, label 0 counted negative (Acc-2)",
+    "classification": "multiclass accuracy",
+}
+# Config keys that never change what a run computes; the rest (minus the seed) define a group.
+_NOT_SETTINGS = {"seed", "out", "data_dir", "cache_dir", "device", "eval_batch_size"}
+_STYLE = {
+    "font.size": 11,
+    "axes.titlesize": 12,
+    "axes.labelsize": 11,
+    "xtick.labelsize": 10,
+    "ytick.labelsize": 10,
+    "legend.fontsize": 10,
+    "figure.titlesize": 13,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and grouping runs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Run:
+    """One finished run: its ``results.json`` path and parsed content."""
+
+    path: Path
+    results: dict[str, Any]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.results["config"]
+
+    @property
+    def strategy(self) -> str:
+        return str(self.results["strategy"]["name"])
+
+    @property
+    def joint(self) -> bool:
+        return bool(self.results["strategy"].get("joint", False))
+
+    @property
+    def seed(self) -> int:
+        return int(self.config.get("seed", 0))
+
+    @property
+    def task_names(self) -> list[str]:
+        return [str(task["name"]) for task in self.results["stream"]["tasks"]]
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """Accuracy (%) on task ``i`` (column) after step ``j`` (row); NaN where not evaluated."""
+        return np.array(
+            [[np.nan if v is None else float(v) for v in row] for row in self.results["matrix"]],
+            dtype=np.float64,
+        )
+
+    def settings(self) -> dict[str, Any]:
+        return {k: v for k, v in self.config.items() if k not in _NOT_SETTINGS}
+
+
+def _parse_run(file: Path) -> Run:
+    try:
+        results = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"{file}: not a readable results.json ({error})") from None
+    try:
+        tasks = results["stream"]["tasks"]
+        matrix = results["matrix"]
+        run = Run(file, results)
+        _ = (run.strategy, run.joint, run.seed, run.task_names, run.config["stream"])
+        values = run.matrix
+    except (KeyError, TypeError, ValueError) as error:
+        raise DataError(
+            f"{file}: not a cmmm results.json (missing or malformed {error}); "
+            "write it with `cmmm run`"
+        ) from None
+    steps = 1 if run.joint else len(tasks)
+    if values.ndim != 2 or values.shape != (steps, len(tasks)) or len(matrix) != steps:
+        raise DataError(
+            f"{file}: the accuracy matrix should be {steps} x {len(tasks)} "
+            f"(steps x tasks), got {values.shape}"
+        )
+    return run
+
+
+def load_runs(paths: Iterable[Path]) -> list[Run]:
+    """Every ``results.json`` at or under ``paths`` (each counted once), parsed and checked.
+
+    A path that does not exist or holds no ``results.json`` is an error naming it.
+    """
+    runs: list[Run] = []
+    seen: set[Path] = set()
+    for root in map(Path, paths):
+        if not root.exists():
+            raise DataError(f"{root}: no such run directory or results.json file")
+        files = [root] if root.is_file() else sorted(root.rglob("results.json"))
+        if not files:
+            raise DataError(f"{root}: no results.json at or under it; is the run finished?")
+        for file in files:
+            if file.resolve() in seen:
+                continue
+            seen.add(file.resolve())
+            runs.append(_parse_run(file))
+    if not runs:
+        raise DataError("no runs given")
+    return runs
+
+
+@dataclass(frozen=True)
+class RunGroup:
+    """Runs of one strategy with identical settings, differing only in the seed."""
+
+    label: str
+    runs: list[Run]
+
+    @property
+    def strategy(self) -> str:
+        return self.runs[0].strategy
+
+    @property
+    def joint(self) -> bool:
+        return self.runs[0].joint
+
+    @property
+    def seeds(self) -> list[int]:
+        return [run.seed for run in self.runs]
+
+    @property
+    def matrices(self) -> np.ndarray:
+        """(seeds, steps, tasks)."""
+        return np.stack([run.matrix for run in self.runs])
+
+    def mean_matrix(self) -> np.ndarray:
+        """The seed mean of the accuracy matrix; NaN only where every seed is NaN."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmean(self.matrices, axis=0)
+
+    def describe_seeds(self) -> str:
+        n = len(self.runs)
+        if n == 1:
+            return f"seed {self.seeds[0]}"
+        return f"mean of {n} seeds ({', '.join(map(str, self.seeds))})"
+
+
+def group_runs(runs: Sequence[Run], strategies: Sequence[str] | None = None) -> list[RunGroup]:
+    """Group runs by strategy and settings (all but the seed), in the order strategies appear.
+
+    All runs must come from the same stream with the same task order, so that one figure compares
+    like with like. ``strategies`` keeps only those strategy names, in that order; without it,
+    groups come in the order of the runs, joint training last.
+    """
+    if strategies:
+        known = sorted({run.strategy for run in runs})
+        unknown = [s for s in strategies if s not in known]
+        if unknown:
+            raise ConfigError(
+                f"--strategy {','.join(unknown)}: no such runs; the runs given are of "
+                f"{', '.join(known)}"
+            )
+        runs = [run for run in runs if run.strategy in strategies]
+    streams = sorted({str(run.config["stream"]) for run in runs})
+    if len(streams) > 1:
+        raise DataError(
+            f"the runs come from several streams ({', '.join(streams)}); plot each separately"
+        )
+    orders = {tuple(run.task_names) for run in runs}
+    if len(orders) > 1:
+        raise DataError(
+            "the runs use different task orders; plot each order separately "
+            f"({'; '.join(' > '.join(order) for order in sorted(orders))})"
+        )
+    buckets: dict[str, list[Run]] = {}
+    for run in runs:
+        key = json.dumps([run.strategy, run.settings()], sort_keys=True, default=str)
+        buckets.setdefault(key, []).append(run)
+    members = [sorted(group, key=lambda r: (r.seed, str(r.path))) for group in buckets.values()]
+    for group in members:
+        seeds = [run.seed for run in group]
+        duplicated = sorted({s for s in seeds if seeds.count(s) > 1})
+        if duplicated:
+            raise DataError(
+                f"{group[0].strategy}: several runs with the same settings and seed "
+                f"{duplicated} ({', '.join(str(r.path) for r in group if r.seed in duplicated)}); "
+                "give only one of them"
+            )
+    if strategies:  # in the order asked for
+        members.sort(key=lambda group: list(strategies).index(group[0].strategy))
+    else:  # joint training last: the reference the sequential strategies are read against
+        members.sort(key=lambda group: group[0].joint)
+    return [RunGroup(_label(group, members), group) for group in members]
+
+
+def _label(group: list[Run], groups: list[list[Run]]) -> str:
+    """The strategy name, plus the settings that tell it apart from same-named groups."""
+    name = group[0].strategy
+    rivals = [g for g in groups if g[0].strategy == name]
+    if len(rivals) == 1:
+        return name
+    mine = group[0].settings()
+    differing = sorted(
+        {k for g in rivals for k, v in g[0].settings().items() if mine.get(k) != v}
+        | {k for k in mine if any(k not in g[0].settings() for g in rivals)}
+    )
+    shown = ", ".join(f"{k}={json.dumps(mine.get(k), default=str)}" for k in differing)
+    return f"{name} [{shown}]"
+
+
+# --------------------------------------------------------------------------------------------
+# Titles and labels
+# --------------------------------------------------------------------------------------------
+
+
+def stream_label(run: Run) -> str:
+    name = str(run.config["stream"])
+    if name in STREAM_LABELS:
+        return STREAM_LABELS[name]
+    source = str(run.results["stream"].get("source", ""))
+    source = re.sub(r"\s+(in\s+)?/\S*$", "", source)  # a trailing local path says nothing
+    return f"{name} ({source})" if source else name
+
+
+def metric_label(run: Run) -> str:
+    family = str(run.results.get("metric_family", ""))
+    return METRIC_LABELS.get(family, f"{family} accuracy" if family else "accuracy")
+
+
+def figure_title(run: Run, what: str) -> str:
+    return f"{stream_label(run)}: {metric_label(run)}\n{what}"
+
+
+def step_labels(task_names: Sequence[str]) -> list[str]:
+    """``"1: a·v·t"``: the training step, labelled by the task it trains."""
+    return [f"{step + 1}: {name}" for step, name in enumerate(task_names)]
+
+
+def _task_colors(count: int) -> list[Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if count <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(count)]
+
+
+_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    return Figure(figsize=(width, height), layout="constrained", dpi=DPI)
+
+
+# --------------------------------------------------------------------------------------------
+# Forgetting curves
+# --------------------------------------------------------------------------------------------
+
+
+def forgetting_curves(runs: Sequence[Run], strategies: Sequence[str] | None = None) -> Figure:
+    """Accuracy on every task after every training step; one panel per sequential strategy."""
+    import matplotlib
+
+    groups = group_runs(runs, strategies)
+    sequential = [g for g in groups if not g.joint]
+    joint = [g for g in groups if g.joint]
+    if not sequential:
+        raise DataError(
+            "forgetting curves need sequential runs; joint training has a single row "
+            "(use --kind heatmap or compare)"
+        )
+    first = sequential[0].runs[0]
+    tasks = first.task_names
+    steps = np.arange(len(tasks))
+    colors = _task_colors(len(tasks))
+    with_summary = len(groups) > 1
+    panels = len(sequential) + int(with_summary)
+    with matplotlib.rc_context(_STYLE):
+        fig = _new_figure(12, 1.3 + 4.3 * panels)
+        axes = fig.subplots(panels, 1, sharex=True, squeeze=False)[:, 0]
+        for ax in axes[1 : len(sequential)]:  # strategies on one accuracy scale
+            ax.sharey(axes[0])
+        any_band = False
+        for ax, group in zip(axes, sequential, strict=False):
+            matrices = group.matrices
+            mean = group.mean_matrix()
+            band = len(group.runs) > 1
+            any_band |= band
+            for i, name in enumerate(tasks):
+                style = {"color": colors[i], "marker": _MARKERS[i % len(_MARKERS)]}
+                if i > 0:  # before the task is trained: faded, dotted, up to the step it starts
+                    ax.plot(
+                        steps[: i + 1],
+                        mean[: i + 1, i],
+                        linestyle=":",
+                        linewidth=1.2,
+                        alpha=0.45,
+                        markersize=4,
+                        gid=f"{group.label}|{name}|before",
+                        **style,
+                    )
+                ax.plot(
+                    steps[i:],
+                    mean[i:, i],
+                    linestyle="-",
+                    linewidth=2.0,
+                    markersize=6,
+                    label=name,
+                    gid=f"{group.label}|{name}",
+                    **style,
+                )
+                if band:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", RuntimeWarning)
+                        low = np.nanmin(matrices[:, i:, i], axis=0)
+                        high = np.nanmax(matrices[:, i:, i], axis=0)
+                    ax.fill_between(steps[i:], low, high, color=colors[i], alpha=0.12, lw=0)
+            spread = ", band: min-max over seeds" if band else ""
+            ax.set_title(f"{group.label}: {group.describe_seeds()}{spread}", loc="left")
+            ax.set_ylabel("accuracy (%)")
+            ax.grid(True, alpha=0.3)
+        if with_summary:
+            _aa_so_far_panel(axes[-1], sequential, joint)
+        axes[-1].set_xticks(steps, step_labels(tasks), rotation=25, ha="right")
+        axes[-1].set_xlabel("after training step (task just trained)")
+        handles = [
+            Line2D([], [], color=colors[i], marker=_MARKERS[i % len(_MARKERS)], lw=2, label=name)
+            for i, name in enumerate(tasks)
+        ]
+        handles += [
+            Line2D([], [], color="0.3", lw=2, label="after the task is trained"),
+            Line2D([], [], color="0.3", lw=1.2, ls=":", alpha=0.6, label="before it is trained"),
+        ]
+        if any_band:
+            handles.append(Patch(color="0.3", alpha=0.2, label="min-max over seeds"))
+        fig.legend(
+            handles=handles,
+            loc="outside right upper",
+            title="accuracy on task\n(missing pattern)",
+            frameon=False,
+        )
+        fig.suptitle(figure_title(first, "accuracy on each task after each training step"))
+    return fig
+
+
+def _aa_so_far_panel(ax: Any, sequential: list[RunGroup], joint: list[RunGroup]) -> None:
+    from matplotlib import colormaps
+
+    palette = colormaps["Dark2"]
+    for k, group in enumerate(sequential):
+        rows = [run.results.get("aa_so_far") for run in group.runs]
+        if any(row is None for row in rows):
+            raise DataError(f"{group.runs[0].path}: results.json has no aa_so_far")
+        values = np.array(rows, dtype=np.float64)
+        mean = values.mean(axis=0)
+        x = np.arange(values.shape[1])
+        color = palette(k % palette.N)
+        ax.plot(
+            x,
+            mean,
+            color=color,
+            marker="o",
+            lw=2,
+            label=f"{group.label} (n={len(group.runs)})",
+            gid=f"aa_so_far|{group.label}",
+        )
+        if len(group.runs) > 1:
+            std = values.std(axis=0, ddof=1)
+            ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.15, lw=0)
+    for k, group in enumerate(joint):
+        aas = [run.results.get("aa") for run in group.runs if run.results.get("aa") is not None]
+        if not aas:
+            continue
+        ax.axhline(
+            float(np.mean(aas)),
+            color=palette((len(sequential) + k) % palette.N),
+            ls="--",
+            lw=1.5,
+            label=f"{group.label}: AA on all tasks (n={len(aas)})",
+            gid=f"aa_joint|{group.label}",
+        )
+    ax.set_title(
+        "AA so far: mean accuracy over the tasks trained so far (band: ± std over seeds)",
+        loc="left",
+    )
+    ax.set_ylabel("AA so far (%)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", frameon=True, framealpha=0.85)
+
+
+# --------------------------------------------------------------------------------------------
+# Accuracy-matrix heatmap
+# --------------------------------------------------------------------------------------------
+
+
+def accuracy_heatmap(runs: Sequence[Run], strategies: Sequence[str] | None = None) -> Figure:
+    """The accuracy matrix of each strategy (seed mean), values in the cells, NaN blank."""
+    import matplotlib
+    from matplotlib import colormaps
+
+    groups = group_runs(runs, strategies)
+    first = groups[0].runs[0]
+    tasks = first.task_names
+    means = [group.mean_matrix() for group in groups]
+    finite = np.concatenate([m[np.isfinite(m)] for m in means])
+    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 100.0)
+    if vmax - vmin < 1.0:
+        vmin, vmax = vmin - 0.5, vmax + 0.5
+    cmap = colormaps["viridis"].with_extremes(bad="white")
+    heights = [m.shape[0] + 1.2 for m in means]
+    with matplotlib.rc_context(_STYLE):
+        fig = _new_figure(
+            1.9 + 1.25 * len(tasks), 2.3 + 0.62 * sum(heights) + 0.5 * (len(groups) - 1)
+        )
+        axes = fig.subplots(len(groups), 1, squeeze=False, height_ratios=heights)[:, 0]
+        image = None
+        for ax, group, mean in zip(axes, groups, means, strict=True):
+            image = ax.imshow(
+                np.ma.masked_invalid(mean), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto"
+            )
+            image.set_gid(f"heatmap|{group.label}")
+            for (row, col), value in np.ndenumerate(mean):
+                if not np.isfinite(value):
+                    continue
+                r, g, b = to_rgb(cmap((value - vmin) / (vmax - vmin)))
+                dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
+                ax.text(
+                    col,
+                    row,
+                    f"{value:.1f}",
+                    ha="center",
+                    va="center",
+                    fontsize=10,
+                    color="white" if dark else "black",
+                )
+            if group.joint:
+                ax.set_yticks([0], ["trained on all\ntasks at once"])
+            else:
+                ax.set_yticks(range(mean.shape[0]), step_labels(tasks[: mean.shape[0]]))
+                for step in range(min(mean.shape)):  # the task trained at that step
+                    ax.add_patch(
+                        Rectangle(
+                            (step - 0.44, step - 0.44), 0.88, 0.88, fill=False, ec="red", lw=2
+                        )
+                    )
+            ax.set_xticks(range(len(tasks)), tasks, rotation=25, ha="right")
+            ax.set_ylabel("" if group.joint else "after training step")
+            ax.set_title(f"{group.label}: {group.describe_seeds()}", loc="left")
+        axes[-1].set_xlabel("evaluated task (missing pattern)")
+        assert image is not None
+        fig.colorbar(image, ax=list(axes), label="accuracy (%)", shrink=0.9)
+        note = "rows: after each training step, columns: evaluated task"
+        if any(not g.joint for g in groups):
+            note += "; red box: the task just trained"
+        fig.suptitle(figure_title(first, f"accuracy matrix ({note})"))
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# Strategy comparison
+# --------------------------------------------------------------------------------------------
+
+
+def strategy_comparison(runs: Sequence[Run], strategies: Sequence[str] | None = None) -> Figure:
+    """AA and FM per strategy: mean ± std over seeds (error bars), each seed as a dot."""
+    import matplotlib
+
+    groups = group_runs(runs, strategies)
+    first = groups[0].runs[0]
+    x = np.arange(len(groups))
+    with matplotlib.rc_context(_STYLE):
+        fig = _new_figure(max(9.0, 2.0 + 2.6 * len(groups)), 5.6)
+        axes = fig.subplots(1, 2)
+        metrics = [
+            ("aa", "AA: final average accuracy (%)", "AA (%)"),
+            ("fm", "FM: forgetting, lower is better (pp)", "FM (percentage points)"),
+        ]
+        for ax, (key, title, ylabel) in zip(axes, metrics, strict=True):
+            labels = []
+            for k, group in enumerate(groups):
+                values = np.array(
+                    [r.results.get(key) for r in group.runs if r.results.get(key) is not None],
+                    dtype=np.float64,
+                )
+                n = len(group.runs)
+                seeds = f"n={n} seed{'s' if n > 1 else ''}"
+                if values.size == 0:
+                    labels.append(f"{group.label}\nn/a{' (joint)' if group.joint else ''}\n{seeds}")
+                    continue
+                mean = float(values.mean())
+                std = float(values.std(ddof=1)) if values.size > 1 else 0.0
+                bar = ax.errorbar(
+                    [k],
+                    [mean],
+                    yerr=[std] if values.size > 1 else None,
+                    fmt="o",
+                    color="C0",
+                    markersize=9,
+                    capsize=8,
+                    elinewidth=2,
+                )
+                bar.lines[0].set_gid(f"{key}|{group.label}")  # the mean marker
+                jitter = np.linspace(-0.1, 0.1, values.size) if values.size > 1 else [0.0]
+                ax.scatter(k + np.asarray(jitter) + 0.25, values, s=22, color="0.45", zorder=3)
+                value = f"{mean:.2f} ± {std:.2f}" if values.size > 1 else f"{mean:.2f}"
+                labels.append(f"{group.label}\n{value}\n{seeds}")
+            ax.set_xticks(x, labels)
+            ax.set_xlim(-0.6, len(groups) - 0.4)
+            ax.margins(y=0.15)
+            ax.set_title(title, loc="left")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, axis="y", alpha=0.3)
+        fig.suptitle(
+            figure_title(
+                first,
+                "strategy comparison: mean ± std over seeds (dot, error bar); grey dots: each seed",
+            )
+        )
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+PLOTTERS = {
+    "curves": forgetting_curves,
+    "heatmap": accuracy_heatmap,
+    "compare": strategy_comparison,
+}
+
+
+def check_output(out: Path) -> None:
+    if out.suffix.lower() not in SUFFIXES:
+        raise ConfigError(
+            f"--out {out}: unknown image type {out.suffix or '(no suffix)'!r}; "
+            f"end the file name with {' or '.join(SUFFIXES)}"
+        )
+
+
+def save_figure(fig: Figure, out: Path) -> Path:
+    check_output(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() != ".png":
+        fig.savefig(out)
+        return out
+    fig.savefig(out, dpi=DPI, pil_kwargs={"optimize": True})
+    if out.stat().st_size > PALETTE_ABOVE_BYTES:
+        # Pictures go into READMEs: a big PNG is re-encoded with a 256-colour palette (median
+        # cut, no dithering: the colours of lines, bands and cells stay as drawn).
+        from PIL import Image
+
+        with Image.open(out) as image:
+            palette = image.convert("RGB").quantize(
+                colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE
+            )
+        palette.save(out, optimize=True)
+    return out
+
+
+def output_paths(out: Path, kind: str) -> dict[str, Path]:
+    """``kind`` -> file; ``all`` writes ``<stem>-curves<suffix>`` and the others beside it."""
+    if kind not in KINDS:
+        raise ConfigError(f"--kind {kind!r}: expected one of {', '.join(KINDS)}")
+    if kind != "all":
+        return {kind: out}
+    return {k: out.with_name(f"{out.stem}-{k}{out.suffix}") for k in PLOTTERS}
+
+
+def plot(
+    paths: Iterable[Path],
+    out: Path,
+    kind: str = "curves",
+    strategies: Sequence[str] | None = None,
+) -> list[Path]:
+    """Read the runs under ``paths`` and write the figure(s) of ``kind``; returns the files."""
+    check_output(out)
+    targets = output_paths(out, kind)
+    runs = load_runs(paths)
+    written = []
+    for name, target in targets.items():
+        fig = PLOTTERS[name](runs, strategies)
+        written.append(save_figure(fig, target))
+    return written

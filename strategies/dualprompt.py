@@ -1,0 +1,161 @@
+"""DualPrompt (Wang et al., ECCV 2022) on the frozen MulT.
+
+A G(eneral)-prompt shared by every task on the first layers and one E(xpert)-prompt per task,
+with a learnable key, on the next layers, both attached as prefix tokens. Training on experience t
+uses E-prompt t for every sample and pulls key t towards the query (``pull_lambda * mean_b
+(1 - cos(q_b, k_t))``); at test each sample takes the E-prompt whose key is nearest (cosine) to
+its query. The query is the frozen backbone's pooled feature without prompts (see ``strategies.
+l2p.frozen_query``); no task label is used at test.
+
+Published defaults and their sources (dualprompt-pytorch's Split CIFAR-100 configuration, which
+follows the paper): G-prompt length 5 on layers 0-1, E-prompt length 5 on layers 2-4, one
+E-prompt per task (the pool size is the number of tasks of the stream), ``pull_lambda`` 1.0
+(``pull_constraint_coeff``), prompts and keys initialised uniform(-1, 1). ``trainable_head``
+"out": DualPrompt trains its classifier, MulT's counterpart is ``out_layer``.
+
+Adaptations to MulT:
+
+* Layers are the cross-modal transformers' layers (MulT's default 5 layers: G on 0-1, E on 2-4,
+  i.e. all of them). Every cross-modal transformer gets the same G-/E-prompt of a layer (one
+  (L, d) per layer, d = 30); the memory transformers get none. A layer in both lists gets the
+  G tokens followed by the E tokens.
+* Prefix tuning proper gives separate key and value prefixes (the prompt split in two halves).
+  The backbone's hook takes tokens that the frozen key and value projections of that layer map,
+  so each prompt token serves as both key and value input (prefix tokens before the projections).
+  There is therefore no key/value split, and the reference code's bug (a reshape without the
+  permute when splitting selected prefixes across layers) cannot arise: every (task, layer) has
+  its own parameter slice, indexed, never reshaped across the task/layer/length axes.
+* Test-time candidates are the keys of the tasks trained so far (a key never trained is its
+  random initialisation and cannot stand for a task); before any training every key counts.
+* Regression needs nothing special (the pull term ignores labels).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cmmm.errors import ConfigError
+from strategies.base import STRATEGIES, StrategyContext
+from strategies.l2p import (
+    LayerPrompts,
+    QueryPromptedModel,
+    Selection,
+    check_layers_exist,
+    cosine_matrix,
+    make_task_plugin,
+    normalise_layer_option,
+    require_mult,
+    trainable_head_option,
+    uniform_parameter,
+)
+from strategies.prompted_model import make_prompt_template, set_requires_grad
+from strategies.replay import BaselineStrategy, Option
+
+
+class DualPromptPrompts(LayerPrompts):
+    def __init__(
+        self,
+        num_tasks: int,
+        g_layers: Sequence[int],
+        e_layers: Sequence[int],
+        g_length: int,
+        e_length: int,
+        width: int,
+        query_dim: int,
+        pull_lambda: float,
+    ) -> None:
+        super().__init__()
+        self.g_layers = tuple(g_layers)
+        self.e_layers = tuple(e_layers)
+        self.pull_lambda = pull_lambda
+        self.g_prompt = uniform_parameter(len(self.g_layers), g_length, width)
+        # One parameter per task, so that an old task's E-prompt and key can be frozen.
+        self.e_prompt = nn.ParameterList(
+            uniform_parameter(len(self.e_layers), e_length, width) for _ in range(num_tasks)
+        )
+        self.key = nn.ParameterList(uniform_parameter(query_dim) for _ in range(num_tasks))
+        self.register_buffer("trained", torch.zeros(num_tasks, dtype=torch.bool))
+
+    def keys(self) -> Tensor:
+        return torch.stack(list(self.key))
+
+    def nearest_task(self, query: Tensor) -> Tensor:
+        """(B,) index of the nearest key (cosine) among the trained tasks' keys."""
+        similarity = cosine_matrix(query, self.keys())
+        if bool(self.trained.any()):
+            similarity = similarity.masked_fill(~self.trained[None, :], float("-inf"))
+        return similarity.argmax(dim=1)
+
+    def select(self, query: Tensor, task: int | None) -> Selection:
+        batch = query.shape[0]
+        aux = None
+        if task is None:
+            tasks = self.nearest_task(query)
+        else:
+            tasks = torch.full((batch,), task, dtype=torch.long, device=query.device)
+            cos = cosine_matrix(query, self.key[task].unsqueeze(0))[:, 0]
+            aux = self.pull_lambda * (1.0 - cos).mean()
+        prompts: dict[int, Tensor] = {}
+        for i, layer in enumerate(self.g_layers):
+            prompts[layer] = self.g_prompt[i].unsqueeze(0).expand(batch, -1, -1)
+        # (B, e_layers, L_e, d): one slice per (task, layer), indexed, never reshaped.
+        if task is None:
+            e_prompts = torch.stack(list(self.e_prompt))[tasks]
+        else:
+            e_prompts = self.e_prompt[task].unsqueeze(0).expand(batch, -1, -1, -1)
+        for i, layer in enumerate(self.e_layers):
+            e = e_prompts[:, i]
+            prompts[layer] = torch.cat([prompts[layer], e], dim=1) if layer in prompts else e
+        return Selection(prompts, aux, tasks)
+
+    def begin_task(self, task: int) -> None:
+        # Only the current task's E-prompt and key train; the G-prompt is shared by all tasks.
+        for t, (prompt, key) in enumerate(zip(self.e_prompt, self.key, strict=True)):
+            set_requires_grad([prompt, key], t == task)
+
+    def end_task(self, task: int, model: QueryPromptedModel, dataset: Any) -> None:
+        self.trained[task] = True
+
+
+@STRATEGIES.register(
+    "dualprompt", "DualPrompt: a shared G-prompt and per-task E-prompts picked by key at test"
+)
+class DualPrompt(BaselineStrategy):
+    family = "dualprompt"
+    OPTIONS = {
+        "g_length": Option(5, int, "G-prompt tokens per layer", minimum=1),
+        "g_layers": Option("0,1", str, "cross-modal layers of the G-prompt"),
+        "e_length": Option(5, int, "E-prompt tokens per layer", minimum=1),
+        "e_layers": Option("2,3,4", str, "cross-modal layers of the E-prompts"),
+        "pull_lambda": Option(1.0, float, "weight of the key pull term", minimum=0),
+        "trainable_head": trainable_head_option("out", "head layers trained with the prompts"),
+    }
+
+    def check(self) -> None:
+        self.g_layers = normalise_layer_option(self, "g_layers")
+        self.e_layers = normalise_layer_option(self, "e_layers")
+
+    def build(self, ctx: StrategyContext) -> Any:
+        backbone = require_mult("dualprompt", ctx.model)
+        for name, layers in (("g_layers", self.g_layers), ("e_layers", self.e_layers)):
+            check_layers_exist("dualprompt", name, layers, backbone.config.layers)
+        num_tasks = len(ctx.stream.tasks)
+        if num_tasks < 1:
+            raise ConfigError("dualprompt: the stream has no task")
+        prompts = DualPromptPrompts(
+            num_tasks,
+            self.g_layers,
+            self.e_layers,
+            self.opt("g_length"),
+            self.opt("e_length"),
+            backbone.config.d_model,
+            backbone.feature_dim,
+            self.opt("pull_lambda"),
+        )
+        model = QueryPromptedModel(backbone, prompts, self.opt("trainable_head"))
+        self.model = model
+        return make_prompt_template(model, ctx, plugins=[make_task_plugin(model)])
