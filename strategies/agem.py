@@ -19,11 +19,12 @@ from typing import Any
 
 from cmmm.errors import ConfigError
 from strategies.base import StrategyContext
-from strategies.replay import MEM_SIZE, BaselineStrategy, Option, register_sized
+from strategies.options import ConfigurableStrategy, Option
+from strategies.replay import MEM_SIZE, register_sized
 
 
 @register_sized("agem", "A-GEM: fine-tune the whole MulT, projecting against a replay gradient")
-class AveragedGEM(BaselineStrategy):
+class AveragedGEM(ConfigurableStrategy):
     family = "agem"
     OPTIONS = {
         "mem_size": MEM_SIZE,

@@ -51,8 +51,8 @@ from strategies.l2p import (
     require_mult,
     trainable_head_option,
 )
+from strategies.options import ConfigurableStrategy, Option
 from strategies.prompted_model import make_prompt_template, set_requires_grad
-from strategies.replay import BaselineStrategy, Option
 
 
 def gram_schmidt_rows(previous: Tensor, count: int, generator: torch.Generator | None = None):
@@ -180,7 +180,7 @@ class CodaPrompts(LayerPrompts):
 @STRATEGIES.register(
     "codaprompt", "CODA-Prompt: attention-weighted prompt components, sliced and frozen per task"
 )
-class CodaPrompt(BaselineStrategy):
+class CodaPrompt(ConfigurableStrategy):
     family = "codaprompt"
     OPTIONS = {
         "pool_size": Option(100, int, "prompt components over all tasks", minimum=1),

@@ -27,7 +27,8 @@ from typing import Any
 import torch.nn.functional as F
 
 from strategies.base import StrategyContext
-from strategies.replay import MEM_SIZE, BaselineStrategy, Option, register_sized
+from strategies.options import ConfigurableStrategy, Option
+from strategies.replay import MEM_SIZE, register_sized
 
 
 def reservoir_buffer_with_outputs(max_size: int) -> Any:
@@ -91,7 +92,7 @@ def der_with_task_loss(**kwargs: Any) -> Any:
 
 
 @register_sized("der", "DER++: fine-tune the whole MulT replaying labels and stored outputs")
-class DarkExperienceReplay(BaselineStrategy):
+class DarkExperienceReplay(ConfigurableStrategy):
     family = "der"
     OPTIONS = {
         "mem_size": MEM_SIZE,

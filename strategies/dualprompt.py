@@ -52,8 +52,8 @@ from strategies.l2p import (
     trainable_head_option,
     uniform_parameter,
 )
+from strategies.options import ConfigurableStrategy, Option
 from strategies.prompted_model import make_prompt_template, set_requires_grad
-from strategies.replay import BaselineStrategy, Option
 
 
 class DualPromptPrompts(LayerPrompts):
@@ -124,7 +124,7 @@ class DualPromptPrompts(LayerPrompts):
 @STRATEGIES.register(
     "dualprompt", "DualPrompt: a shared G-prompt and per-task E-prompts picked by key at test"
 )
-class DualPrompt(BaselineStrategy):
+class DualPrompt(ConfigurableStrategy):
     family = "dualprompt"
     OPTIONS = {
         "g_length": Option(5, int, "G-prompt tokens per layer", minimum=1),

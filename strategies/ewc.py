@@ -16,11 +16,11 @@ from typing import Any
 
 from cmmm.errors import ConfigError
 from strategies.base import STRATEGIES, StrategyContext
-from strategies.replay import BaselineStrategy, Option
+from strategies.options import ConfigurableStrategy, Option
 
 
 @STRATEGIES.register("ewc", "EWC: fine-tune the whole MulT with a Fisher-weighted penalty")
-class ElasticWeightConsolidation(BaselineStrategy):
+class ElasticWeightConsolidation(ConfigurableStrategy):
     family = "ewc"
     OPTIONS = {
         "ewc_lambda": Option(1.0, float, "weight of the EWC penalty", minimum=0),

@@ -39,7 +39,8 @@ from torch.utils.data import DataLoader
 
 from cmmm.errors import ConfigError
 from strategies.base import StrategyContext
-from strategies.replay import MEM_SIZE, BaselineStrategy, Option, register_sized
+from strategies.options import ConfigurableStrategy, Option
+from strategies.replay import MEM_SIZE, register_sized
 
 
 class NearestMeanOfExemplars(nn.Module):
@@ -166,7 +167,7 @@ def icarl_plugin(mem_size: int, alpha: float, classification: bool, batch_size: 
 
 
 @register_sized("icarl", "iCaRL: herding exemplars + distillation (+ nearest-mean classifier)")
-class IncrementalClassifierRepresentation(BaselineStrategy):
+class IncrementalClassifierRepresentation(ConfigurableStrategy):
     family = "icarl"
     OPTIONS = {
         "mem_size": MEM_SIZE,

@@ -49,13 +49,13 @@ from torch import Tensor, nn
 from cmmm.backbone import MulT, PromptContext, PromptSite
 from cmmm.errors import ConfigError
 from strategies.base import STRATEGIES, StrategyContext
+from strategies.options import ConfigurableStrategy, Option
 from strategies.prompted_model import (
     TRAINABLE_HEADS,
     PromptedModel,
     make_prompt_template,
     set_requires_grad,
 )
-from strategies.replay import BaselineStrategy, Option
 
 # ------------------------------------------------------------------------------------------------
 # Shared by the query-based prompt baselines
@@ -83,7 +83,7 @@ def parse_layers(owner: str, name: str, raw: Any) -> tuple[int, ...]:
     return tuple(sorted(layers))
 
 
-def normalise_layer_option(strategy: BaselineStrategy, name: str) -> tuple[int, ...]:
+def normalise_layer_option(strategy: ConfigurableStrategy, name: str) -> tuple[int, ...]:
     """Parse a layer-list option and store it back in canonical form ("0,1")."""
     layers = parse_layers(strategy.family, name, strategy.opt(name))
     strategy._values[name] = ",".join(str(layer) for layer in layers)
@@ -282,7 +282,7 @@ class L2PPrompts(LayerPrompts):
 
 
 @STRATEGIES.register("l2p", "L2P: a prompt pool with learnable keys picked by the frozen query")
-class LearningToPrompt(BaselineStrategy):
+class LearningToPrompt(ConfigurableStrategy):
     family = "l2p"
     OPTIONS = {
         "pool_size": Option(10, int, "number of prompts in the pool", minimum=1),

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from strategies.base import STRATEGIES, StrategyContext
-from strategies.replay import BaselineStrategy, Option
+from strategies.options import ConfigurableStrategy, Option
 
 
 def output_distillation(alpha: float, temperature: float, regression: bool) -> Any:
@@ -64,7 +64,7 @@ def output_distillation(alpha: float, temperature: float, regression: bool) -> A
 
 
 @STRATEGIES.register("lwf", "LwF: fine-tune the whole MulT, distilling the previous model")
-class LearningWithoutForgettingStrategy(BaselineStrategy):
+class LearningWithoutForgettingStrategy(ConfigurableStrategy):
     family = "lwf"
     OPTIONS = {
         "alpha": Option(1.0, float, "weight of the distillation term", minimum=0),

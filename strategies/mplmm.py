@@ -59,8 +59,8 @@ from cmmm.backbone import MulT, PromptContext, PromptSite
 from cmmm.errors import ConfigError
 from strategies.base import STRATEGIES, StrategyContext
 from strategies.l2p import parse_layers, require_mult, trainable_head_option
+from strategies.options import ConfigurableStrategy, Option
 from strategies.prompted_model import PromptedModel, make_prompt_template
-from strategies.replay import BaselineStrategy, Option
 from streams.patterns import all_patterns
 
 INITS = ("uniform", "normal")
@@ -235,7 +235,7 @@ class MPLMMModel(PromptedModel):
 @STRATEGIES.register(
     "mplmm", "MPLMM: generative, missing-signal and missing-type prompts on the frozen MulT"
 )
-class MPLMM(BaselineStrategy):
+class MPLMM(ConfigurableStrategy):
     family = "mplmm"
     OPTIONS = {
         "prompt_length": Option(

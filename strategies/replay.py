@@ -1,8 +1,4 @@
-"""ER (experience replay) and what every Table-2 baseline shares: options and buffer sizes.
-
-``BaselineStrategy`` gives each baseline its declared options with published defaults: unknown
-names raise ``ConfigError`` listing the valid ones, values are type-checked, and ``options()``
-returns every value used (so results.json records them).
+"""ER (experience replay), and the buffer sizes every replay-type baseline shares.
 
 Replay-type baselines (ER, A-GEM, iCaRL, DER++) take ``mem_size``, the total buffer size. They
 are registered once per buffer size, ``<family>-<size>`` (``er-250``, ``er-500``, ``er-1000``),
@@ -17,13 +13,12 @@ mini-batches of ``batch_size`` new plus ``batch_size_mem`` buffer samples.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 from cmmm.errors import ConfigError
 from strategies.base import STRATEGIES, Strategy, StrategyContext
+from strategies.options import ConfigurableStrategy, Option
 
 # method.md: "Replay buffers for replay baselines: 250 and 500 (MOSI, CH-SIMS), 500 and 1000
 # (IEMOCAP)". Every registered family has one variant per size.
@@ -40,81 +35,6 @@ PAPER_SIZES_BY_STREAM: dict[str, tuple[int, int]] = {
 }
 # Families registered as <family>-<size>; filled by register_sized.
 SIZED_FAMILIES: dict[str, str] = {}
-
-
-@dataclass(frozen=True)
-class Option:
-    """One declared option: its default, its type and its admissible values."""
-
-    default: Any
-    kind: type
-    help: str
-    minimum: float | None = None
-    choices: tuple[Any, ...] | None = None
-    nullable: bool = False
-
-    def parse(self, owner: str, name: str, raw: Any) -> Any:
-        if raw is None or (self.nullable and raw in ("none", "None", "null")):
-            if self.nullable:
-                return None
-            raise ConfigError(f"{owner}: option {name} needs a value ({self.help})")
-        value: Any
-        if self.kind is bool:
-            if not isinstance(raw, bool):
-                raise ConfigError(f"{owner}: option {name} must be true or false, got {raw!r}")
-            value = raw
-        elif self.kind is int:
-            if isinstance(raw, bool) or not isinstance(raw, int | float) or raw != int(raw):
-                raise ConfigError(f"{owner}: option {name} must be an integer, got {raw!r}")
-            value = int(raw)
-        elif self.kind is float:
-            if isinstance(raw, bool) or not isinstance(raw, int | float):
-                raise ConfigError(f"{owner}: option {name} must be a number, got {raw!r}")
-            value = float(raw)
-            if not math.isfinite(value):
-                raise ConfigError(f"{owner}: option {name} must be finite, got {raw!r}")
-        else:
-            value = str(raw)
-        if self.minimum is not None and value < self.minimum:
-            raise ConfigError(f"{owner}: option {name} must be >= {self.minimum}, got {value}")
-        if self.choices is not None and value not in self.choices:
-            raise ConfigError(
-                f"{owner}: option {name} must be one of {', '.join(map(str, self.choices))}, "
-                f"got {value!r}"
-            )
-        return value
-
-
-class BaselineStrategy(Strategy):
-    """A strategy with declared options (``OPTIONS``); read values with ``self.opt(name)``."""
-
-    family: ClassVar[str] = "baseline"
-    OPTIONS: ClassVar[dict[str, Option]] = {}
-
-    def __init__(self, **options: Any) -> None:
-        unknown = sorted(set(options) - set(self.OPTIONS))
-        if unknown:
-            valid = "; ".join(
-                f"{name} (default {opt.default}: {opt.help})" for name, opt in self.OPTIONS.items()
-            )
-            raise ConfigError(
-                f"{self.family}: unknown option(s) {', '.join(unknown)}; valid options: "
-                f"{valid or 'none'}"
-            )
-        self._values = {
-            name: opt.parse(self.family, name, options.get(name, opt.default))
-            for name, opt in self.OPTIONS.items()
-        }
-        self.check()
-
-    def check(self) -> None:
-        """Cross-option validation; raise ``ConfigError``."""
-
-    def opt(self, name: str) -> Any:
-        return self._values[name]
-
-    def options(self) -> dict[str, Any]:
-        return dict(self._values)
 
 
 MEM_SIZE = Option(500, int, "total replay buffer size (samples)", minimum=1)
@@ -179,7 +99,7 @@ def experience_balanced_buffer(mem_size: int) -> Any:
 
 
 @register_sized("er", "ER: whole-model fine-tuning with an experience-balanced replay buffer")
-class ExperienceReplay(BaselineStrategy):
+class ExperienceReplay(ConfigurableStrategy):
     family = "er"
     OPTIONS = {
         "mem_size": MEM_SIZE,

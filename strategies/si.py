@@ -23,7 +23,7 @@ import warnings
 from typing import Any
 
 from strategies.base import STRATEGIES, StrategyContext
-from strategies.replay import BaselineStrategy, Option
+from strategies.options import ConfigurableStrategy, Option
 
 
 def snapshotting_si(si_lambda: float, eps: float) -> Any:
@@ -54,7 +54,7 @@ def snapshotting_si(si_lambda: float, eps: float) -> Any:
 
 
 @STRATEGIES.register("si", "SI: fine-tune the whole MulT with path-integral importances")
-class SynapticIntelligence(BaselineStrategy):
+class SynapticIntelligence(ConfigurableStrategy):
     family = "si"
     OPTIONS = {
         "si_lambda": Option(0.1, float, "weight of the SI penalty (c)", minimum=0),

@@ -54,8 +54,8 @@ from strategies.l2p import (
     normalise_layer_option,
     require_mult,
 )
+from strategies.options import ConfigurableStrategy, Option
 from strategies.prompted_model import make_prompt_template, set_requires_grad
-from strategies.replay import BaselineStrategy, Option
 
 METRICS = ("l1", "l2")
 DOMAIN_HEADS = {"none": (), "out": ("out_layer",), "all": ("proj1", "proj2", "out_layer")}
@@ -212,7 +212,7 @@ class SPromptsModel(QueryPromptedModel):
 @STRATEGIES.register(
     "sprompts", "S-Prompts: a prompt and head per domain, picked by K-means centroids at test"
 )
-class SPrompts(BaselineStrategy):
+class SPrompts(ConfigurableStrategy):
     family = "sprompts"
     OPTIONS = {
         "prompt_length": Option(10, int, "tokens of each domain's prompt", minimum=1),
