@@ -81,6 +81,15 @@ def summary_table(results: dict[str, Any]) -> Table:
     return table
 
 
+def with_directories(config: Any, data_dir: Path | None, cache_dir: Path | None) -> Any:
+    """Apply --data-dir/--cache-dir when given (else the RunConfig's environment defaults)."""
+    if data_dir is not None:
+        config.data_dir = str(data_dir)
+    if cache_dir is not None:
+        config.cache_dir = str(cache_dir)
+    return config
+
+
 def format_metric(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -157,10 +166,7 @@ def run(
         device=device,
         strategy_options=parse_options(option or []),
     )
-    if data_dir is not None:
-        config.data_dir = str(data_dir)
-    if cache_dir is not None:
-        config.cache_dir = str(cache_dir)
+    config = with_directories(config, data_dir, cache_dir)
     config = config.resolved()
     STRATEGIES.get(config.strategy)  # fail on a bad name before any progress is drawn
 
@@ -262,10 +268,7 @@ def benchmark_overhead(
     from cmmm.running import RunConfig
 
     config = RunConfig(stream=stream, epochs=epochs, batch_size=batch_size, seed=seed)
-    if data_dir is not None:
-        config.data_dir = str(data_dir)
-    if cache_dir is not None:
-        config.cache_dir = str(cache_dir)
+    config = with_directories(config, data_dir, cache_dir)
     report = measure_overhead(config, log=lambda m: console.print(m, highlight=False))
     Console(soft_wrap=True).print(report.table())
 
@@ -324,10 +327,7 @@ def compare(
         out=str(out),
         device=device,
     )
-    if data_dir is not None:
-        base.data_dir = str(data_dir)
-    if cache_dir is not None:
-        base.cache_dir = str(cache_dir)
+    base = with_directories(base, data_dir, cache_dir)
     names = expand_strategies(strategies, stream)
     console.print(f"{stream}: {', '.join(names)} x seeds 0..{seeds - 1}", highlight=False)
     comparison = compare_runs(

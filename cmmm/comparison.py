@@ -20,7 +20,7 @@ from typing import Any, Literal
 from cmmm import running
 from cmmm.errors import ConfigError
 from cmmm.running import RunConfig, atomic_write_text
-from cmmm.summary import Aggregate, aggregate
+from cmmm.summary import Aggregate, aggregate, mean_spread
 
 Status = Literal["reused", "ran", "failed"]
 
@@ -61,8 +61,8 @@ class ComparisonRow:
         return [
             self.strategy,
             buffer,
-            Aggregate._mean_spread(agg.aa),
-            Aggregate._mean_spread(agg.fm),
+            mean_spread(agg.aa),
+            mean_spread(agg.fm),
             f"{agg.trainable:,}",
             f"{statistics.mean(agg.wall_seconds):.1f}",
             f"{len(agg.seeds)}{failed}",

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import statistics
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from typing import Any
 from cmmm.comparison import RunOutcome, run_or_reuse
 from cmmm.errors import ConfigError
 from cmmm.running import RunConfig, atomic_write_text
+from cmmm.summary import mean_spread
 
 MERGED_OPTIONS = ("strategy_options", "stream_options", "backbone_options")
 ROW_ONLY = ("label", "paper")
@@ -99,14 +100,6 @@ def load_experiment(path: Path, overrides: dict[str, Any] | None = None) -> Expe
     return Experiment(str(spec.get("title", Path(path).stem)), seeds, rows, Path(path))
 
 
-def _mean_spread(values: Sequence[float]) -> str:
-    if not values:
-        return "n/a"
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-
-
 def markdown_table(experiment: Experiment, outcomes: dict[str, list[RunOutcome]]) -> str:
     has_paper = any(row.paper for row in experiment.rows)
     header = ["configuration", "AA (%)", "FM", "trainable", "time/run (s)", "seeds"]
@@ -130,8 +123,8 @@ def markdown_table(experiment: Experiment, outcomes: dict[str, list[RunOutcome]]
         fm = [r["fm"] for r in results if r["fm"] is not None]
         cells = [
             row.label,
-            _mean_spread(aa),
-            _mean_spread(fm),
+            mean_spread(aa),
+            mean_spread(fm),
             f"{results[0]['parameters']['trainable']:,}" if results else "-",
             f"{statistics.mean(r['wall_time_seconds'] for r in results):.0f}" if results else "-",
             f"{len(results)}" + (f" ({len(failed)} failed)" if failed else ""),

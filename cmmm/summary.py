@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,15 @@ def find_results(paths: Iterable[Path]) -> list[dict[str, Any]]:
     return found
 
 
+def mean_spread(values: Sequence[float]) -> str:
+    """``"mean ± sample std"``; one value as is; ``"n/a"`` when there is none."""
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
 @dataclass(frozen=True)
 class Aggregate:
     stream: str
@@ -40,23 +49,15 @@ class Aggregate:
     wall_seconds: list[float]
     trainable: int
 
-    @staticmethod
-    def _mean_spread(values: list[float]) -> str:
-        if not values:
-            return "n/a"
-        if len(values) == 1:
-            return f"{values[0]:.2f}"
-        return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-
     def row(self) -> list[str]:
         return [
             self.stream,
             self.strategy,
             self.settings,
             ",".join(map(str, self.seeds)),
-            self._mean_spread(self.aa),
-            self._mean_spread(self.fm),
-            self._mean_spread(self.bwt),
+            mean_spread(self.aa),
+            mean_spread(self.fm),
+            mean_spread(self.bwt),
             f"{self.trainable:,}",
             f"{statistics.mean(self.wall_seconds):.0f}",
         ]
