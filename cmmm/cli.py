@@ -34,6 +34,19 @@ console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+# Directory options shared by every command that reads data or caches.
+DataDirOption = Annotated[
+    Path | None,
+    typer.Option(help="directory holding <stream>/ data [env CMMM_DATA_DIR, else ./data]"),
+]
+CacheDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="built data sets and pre-trained backbones [env CMMM_CACHE_DIR, else ./.cache]"
+    ),
+]
+
+
 def reports_errors(command: F) -> F:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -124,16 +137,8 @@ def run(
     pretrain_epochs: Annotated[
         int | None, typer.Option(help="epochs of full-modality pre-training (cached)")
     ] = None,
-    data_dir: Annotated[
-        Path | None,
-        typer.Option(help="directory holding <stream>/ data [env CMMM_DATA_DIR, else ./data]"),
-    ] = None,
-    cache_dir: Annotated[
-        Path | None,
-        typer.Option(
-            help="built data sets and pre-trained backbones [env CMMM_CACHE_DIR, else ./.cache]"
-        ),
-    ] = None,
+    data_dir: DataDirOption = None,
+    cache_dir: CacheDirOption = None,
     out: Annotated[
         Path, typer.Option(help="runs are written to OUT/<stream>-<strategy>-seed<seed>-<key>/")
     ] = Path("runs"),
@@ -260,8 +265,8 @@ def benchmark_overhead(
     epochs: Annotated[int, typer.Option(help="epochs per task")] = 30,
     batch_size: Annotated[int, typer.Option()] = 64,
     seed: Annotated[int, typer.Option()] = 0,
-    data_dir: Annotated[Path | None, typer.Option()] = None,
-    cache_dir: Annotated[Path | None, typer.Option()] = None,
+    data_dir: DataDirOption = None,
+    cache_dir: CacheDirOption = None,
 ) -> None:
     """Time `naive` through Avalanche against the same training in a plain PyTorch loop."""
     from cmmm.overhead_benchmark import measure_overhead
@@ -295,14 +300,8 @@ def compare(
     lr: Annotated[float, typer.Option(help="Adam learning rate")] = 1e-3,
     task_order: Annotated[str, typer.Option(help="as for `cmmm run`")] = "default",
     task_data: Annotated[str, typer.Option(help="'full' or 'disjoint'")] = "full",
-    data_dir: Annotated[
-        Path | None,
-        typer.Option(help="directory holding <stream>/ data [env CMMM_DATA_DIR, else ./data]"),
-    ] = None,
-    cache_dir: Annotated[
-        Path | None,
-        typer.Option(help="built data sets and backbones [env CMMM_CACHE_DIR, else ./.cache]"),
-    ] = None,
+    data_dir: DataDirOption = None,
+    cache_dir: CacheDirOption = None,
     out: Annotated[
         Path,
         typer.Option(help="runs go to OUT/<run>/, the table to OUT/compare-<stream>.md and .csv"),
@@ -377,8 +376,8 @@ def experiment(
     ] = None,
     epochs: Annotated[int | None, typer.Option(help="epochs per task for every row")] = None,
     out: Annotated[Path, typer.Option(help="runs and the table go here")] = Path("runs"),
-    data_dir: Annotated[Path | None, typer.Option(help="data directory")] = None,
-    cache_dir: Annotated[Path | None, typer.Option(help="cache directory")] = None,
+    data_dir: DataDirOption = None,
+    cache_dir: CacheDirOption = None,
 ) -> None:
     """Run (or reuse) every row of an experiment file for every seed; write a Markdown table."""
     from cmmm.experiments import load_experiment, run_experiment

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from strategies.base import StrategyContext
 from strategies.options import ConfigurableStrategy, Option
-from strategies.replay import MEM_SIZE, register_sized
+from strategies.replay import BATCH_SIZE_MEM, MEM_SIZE, register_sized
 
 
 def reservoir_buffer_with_outputs(max_size: int) -> Any:
@@ -98,13 +98,7 @@ class DarkExperienceReplay(ConfigurableStrategy):
         "mem_size": MEM_SIZE,
         "alpha": Option(0.1, float, "weight of the stored-output (logit) matching", minimum=0),
         "beta": Option(0.5, float, "weight of the buffer label loss (0: plain DER)", minimum=0),
-        "batch_size_mem": Option(
-            None,
-            int,
-            "buffer samples per mini-batch (None: the training batch size)",
-            minimum=1,
-            nullable=True,
-        ),
+        "batch_size_mem": BATCH_SIZE_MEM,
     }
 
     def build(self, ctx: StrategyContext) -> Any:

@@ -37,6 +37,13 @@ PAPER_SIZES_BY_STREAM: dict[str, tuple[int, int]] = {
 SIZED_FAMILIES: dict[str, str] = {}
 
 
+BATCH_SIZE_MEM = Option(
+    None,
+    int,
+    "buffer samples per mini-batch (None: the training batch size)",
+    minimum=1,
+    nullable=True,
+)
 MEM_SIZE = Option(500, int, "total replay buffer size (samples)", minimum=1)
 
 
@@ -103,13 +110,7 @@ class ExperienceReplay(ConfigurableStrategy):
     family = "er"
     OPTIONS = {
         "mem_size": MEM_SIZE,
-        "batch_size_mem": Option(
-            None,
-            int,
-            "buffer samples per mini-batch (None: the training batch size)",
-            minimum=1,
-            nullable=True,
-        ),
+        "batch_size_mem": BATCH_SIZE_MEM,
         "task_balanced_dataloader": Option(
             False, bool, "draw the buffer part of a batch equally from every seen experience"
         ),
