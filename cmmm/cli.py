@@ -94,6 +94,13 @@ def summary_table(results: dict[str, Any]) -> Table:
     return table
 
 
+def given_on_command_line(ctx: typer.Context, name: str) -> bool:
+    """True when the user typed the option (or set it by environment), not its default."""
+    source = ctx.get_parameter_source(name)
+    # Compared by name: typer ships its own copy of click, whose enum is not click's.
+    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
+
+
 def with_directories(config: Any, data_dir: Path | None, cache_dir: Path | None) -> Any:
     """Apply --data-dir/--cache-dir when given (else the RunConfig's environment defaults)."""
     if data_dir is not None:
@@ -110,6 +117,7 @@ def format_metric(value: float | None, digits: int = 2) -> str:
 @app.command()
 @reports_errors
 def run(
+    ctx: typer.Context,
     stream: Annotated[
         str, typer.Option(help="synthetic, synthetic-cls, mosi, mosi-pkl, iemocap, sims")
     ] = "synthetic",
@@ -150,30 +158,63 @@ def run(
         list[str] | None,
         typer.Option("--option", "-o", help="strategy option key=value (repeatable)"),
     ] = None,
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="a TOML file of run settings (or a finished run's results.json); "
+            "flags given on the command line override it",
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option(help="print the fully resolved configuration as TOML and stop")
+    ] = False,
 ) -> None:
     """Train one strategy on one missing-modality stream and score it after every task."""
+    from cmmm.config_files import config_to_toml, read_config_file
     from cmmm.running import RunConfig
     from cmmm.running import run as run_config
     from strategies import STRATEGIES
 
-    config = RunConfig(
-        stream=stream,
-        strategy=strategy,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        task_order=task_order,
-        task_data=task_data,
-        standardize=standardize,
-        pretrain_epochs=pretrain_epochs,
-        out=str(out),
-        device=device,
-        strategy_options=parse_options(option or []),
-    )
-    config = with_directories(config, data_dir, cache_dir)
-    config = config.resolved()
-    STRATEGIES.get(config.strategy)  # fail on a bad name before any progress is drawn
+    flags = {
+        "stream": stream,
+        "strategy": strategy,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "task_order": task_order,
+        "task_data": task_data,
+        "standardize": standardize,
+        "pretrain_epochs": pretrain_epochs,
+        "out": str(out),
+        "device": device,
+        "data_dir": None if data_dir is None else str(data_dir),
+        "cache_dir": None if cache_dir is None else str(cache_dir),
+    }
+    values = read_config_file(config_file) if config_file is not None else {}
+    if config_file is not None and given_on_command_line(ctx, "strategy"):
+        # The file's strategy options belong to the file's strategy.
+        if values.get("strategy") != strategy:
+            values.pop("strategy_options", None)
+    for name, value in flags.items():
+        if value is not None and (config_file is None or given_on_command_line(ctx, name)):
+            values[name] = value
+    values["strategy_options"] = {
+        **values.get("strategy_options", {}),
+        **parse_options(option or []),
+    }
+    config = RunConfig.from_mapping(values, str(config_file or "command line")).resolved()
+    strategy_in_effect = STRATEGIES.get(config.strategy).factory(**config.strategy_options)
+    if dry_run:
+        in_effect = "".join(f"\n  {k} = {v!r}" for k, v in strategy_in_effect.options().items())
+        header = (
+            f"cmmm run configuration (run key {config.key()})\n"
+            f"{config.strategy} runs with these options (defaults unless set below):"
+            f"{in_effect or ' none'}"
+        )
+        print(config_to_toml(config, header=header), end="")
+        return
 
     with Progress(
         TextColumn("{task.description}"),
@@ -224,12 +265,61 @@ def summarize(
     paths: Annotated[list[Path], typer.Argument(help="run directories or results.json files")],
 ) -> None:
     """Mean ± standard deviation over seeds of AA, FM and BWT, per configuration (Markdown)."""
-    from cmmm.summary import aggregate, find_results, markdown_table
+    from cmmm.results import find_results
+    from cmmm.summary import aggregate, markdown_table
 
-    rows = aggregate(find_results(paths))
+    rows = aggregate([run.data for run in find_results(paths)])
     if not rows:
         raise ConfigError(f"no results.json under {', '.join(map(str, paths))}")
     print(markdown_table(rows))
+
+
+list_app = typer.Typer(no_args_is_help=True, help="Show the registered strategies and streams.")
+app.add_typer(list_app, name="list")
+
+
+def print_entries(entries: list[tuple[str, str, dict[str, str]]]) -> None:
+    from rich.markup import escape
+
+    out = Console(soft_wrap=True, highlight=False)
+    width = max(len(name) for name, _, _ in entries)
+    for name, description, options in entries:
+        out.print(f"[bold]{name:<{width}}[/]  {escape(description)}")
+        for option, text in options.items():
+            out.print(f"{'':<{width}}    {option}: {text}", markup=False)
+
+
+@list_app.command("strategies")
+@reports_errors
+def list_strategies() -> None:
+    """Every strategy `--strategy` accepts: what it is and its options (-o name=value)."""
+    from strategies import STRATEGIES
+
+    entries = []
+    for entry in STRATEGIES:
+        strategy = entry.factory()
+        values, helps = strategy.options(), strategy.option_help()
+        options = {
+            name: f"{value!r}" + (f"  {helps[name]}" if name in helps else "")
+            for name, value in values.items()
+        }
+        entries.append((entry.name, entry.description, options))
+    print_entries(entries)
+
+
+@list_app.command("streams")
+@reports_errors
+def list_streams() -> None:
+    """Every stream `--stream` accepts: what it is, its defaults and its stream options."""
+    from cmmm.running import PAPER_DEFAULTS
+    from streams.catalog import STREAMS
+
+    entries = []
+    for entry in STREAMS:
+        defaults = ", ".join(f"{k} {v}" for k, v in {**PAPER_DEFAULTS, **entry.defaults}.items())
+        description = f"{entry.description} [defaults: {defaults}]"
+        entries.append((entry.name, description, dict(entry.options)))
+    print_entries(entries)
 
 
 @data_app.command("download")

@@ -26,7 +26,7 @@ from __future__ import annotations
 import statistics
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,14 +52,6 @@ class Experiment:
     seeds: list[int]
     rows: list[ExperimentRow]
     source: Path
-
-
-def _run_config(values: dict[str, Any], where: str) -> RunConfig:
-    known = {f.name for f in fields(RunConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown settings {unknown}; valid: {sorted(known)}")
-    return RunConfig(**values)
 
 
 def load_experiment(path: Path, overrides: dict[str, Any] | None = None) -> Experiment:
@@ -92,7 +84,7 @@ def load_experiment(path: Path, overrides: dict[str, Any] | None = None) -> Expe
                 inherited = {}
             values[key] = {**inherited, **row_spec.get(key, {})}
         values.update(overrides or {})
-        config = _run_config(values, where)
+        config = RunConfig.from_mapping(values, where)
         rows.append(ExperimentRow(str(row_spec["label"]), config, row_spec.get("paper")))
     labels = [row.label for row in rows]
     if len(set(labels)) != len(labels):

@@ -31,6 +31,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
 from cmmm.errors import ConfigError, DataError
+from cmmm.results import Results, find_results
 
 Kind = Literal["curves", "heatmap", "compare", "all"]
 KINDS: tuple[str, ...] = ("curves", "heatmap", "compare", "all")
@@ -66,95 +67,13 @@ _STYLE = {
 
 
 # --------------------------------------------------------------------------------------------
-# Loading and grouping runs
+# Grouping runs
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Run:
-    """One finished run: its ``results.json`` path and parsed content."""
-
-    path: Path
-    results: dict[str, Any]
-
-    @property
-    def config(self) -> dict[str, Any]:
-        return self.results["config"]
-
-    @property
-    def strategy(self) -> str:
-        return str(self.results["strategy"]["name"])
-
-    @property
-    def joint(self) -> bool:
-        return bool(self.results["strategy"].get("joint", False))
-
-    @property
-    def seed(self) -> int:
-        return int(self.config.get("seed", 0))
-
-    @property
-    def task_names(self) -> list[str]:
-        return [str(task["name"]) for task in self.results["stream"]["tasks"]]
-
-    @property
-    def matrix(self) -> np.ndarray:
-        """Accuracy (%) on task ``i`` (column) after step ``j`` (row); NaN where not evaluated."""
-        return np.array(
-            [[np.nan if v is None else float(v) for v in row] for row in self.results["matrix"]],
-            dtype=np.float64,
-        )
-
-    def settings(self) -> dict[str, Any]:
-        return {k: v for k, v in self.config.items() if k not in _NOT_SETTINGS}
-
-
-def _parse_run(file: Path) -> Run:
-    try:
-        results = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DataError(f"{file}: not a readable results.json ({error})") from None
-    try:
-        tasks = results["stream"]["tasks"]
-        matrix = results["matrix"]
-        run = Run(file, results)
-        _ = (run.strategy, run.joint, run.seed, run.task_names, run.config["stream"])
-        values = run.matrix
-    except (KeyError, TypeError, ValueError) as error:
-        raise DataError(
-            f"{file}: not a cmmm results.json (missing or malformed {error}); "
-            "write it with `cmmm run`"
-        ) from None
-    steps = 1 if run.joint else len(tasks)
-    if values.ndim != 2 or values.shape != (steps, len(tasks)) or len(matrix) != steps:
-        raise DataError(
-            f"{file}: the accuracy matrix should be {steps} x {len(tasks)} "
-            f"(steps x tasks), got {values.shape}"
-        )
-    return run
-
-
-def load_runs(paths: Iterable[Path]) -> list[Run]:
-    """Every ``results.json`` at or under ``paths`` (each counted once), parsed and checked.
-
-    A path that does not exist or holds no ``results.json`` is an error naming it.
-    """
-    runs: list[Run] = []
-    seen: set[Path] = set()
-    for root in map(Path, paths):
-        if not root.exists():
-            raise DataError(f"{root}: no such run directory or results.json file")
-        files = [root] if root.is_file() else sorted(root.rglob("results.json"))
-        if not files:
-            raise DataError(f"{root}: no results.json at or under it; is the run finished?")
-        for file in files:
-            if file.resolve() in seen:
-                continue
-            seen.add(file.resolve())
-            runs.append(_parse_run(file))
-    if not runs:
-        raise DataError("no runs given")
-    return runs
+def settings_of(run: Results) -> dict[str, Any]:
+    """The configuration that defines a group: everything but the seed and where things live."""
+    return {k: v for k, v in run.config.items() if k not in _NOT_SETTINGS}
 
 
 @dataclass(frozen=True)
@@ -162,7 +81,7 @@ class RunGroup:
     """Runs of one strategy with identical settings, differing only in the seed."""
 
     label: str
-    runs: list[Run]
+    runs: list[Results]
 
     @property
     def strategy(self) -> str:
@@ -194,7 +113,7 @@ class RunGroup:
         return f"mean of {n} seeds ({', '.join(map(str, self.seeds))})"
 
 
-def group_runs(runs: Sequence[Run], strategies: Sequence[str] | None = None) -> list[RunGroup]:
+def group_runs(runs: Sequence[Results], strategies: Sequence[str] | None = None) -> list[RunGroup]:
     """Group runs by strategy and settings (all but the seed), in the order strategies appear.
 
     All runs must come from the same stream with the same task order, so that one figure compares
@@ -221,9 +140,9 @@ def group_runs(runs: Sequence[Run], strategies: Sequence[str] | None = None) -> 
             "the runs use different task orders; plot each order separately "
             f"({'; '.join(' > '.join(order) for order in sorted(orders))})"
         )
-    buckets: dict[str, list[Run]] = {}
+    buckets: dict[str, list[Results]] = {}
     for run in runs:
-        key = json.dumps([run.strategy, run.settings()], sort_keys=True, default=str)
+        key = json.dumps([run.strategy, settings_of(run)], sort_keys=True, default=str)
         buckets.setdefault(key, []).append(run)
     members = [sorted(group, key=lambda r: (r.seed, str(r.path))) for group in buckets.values()]
     for group in members:
@@ -242,16 +161,16 @@ def group_runs(runs: Sequence[Run], strategies: Sequence[str] | None = None) -> 
     return [RunGroup(_label(group, members), group) for group in members]
 
 
-def _label(group: list[Run], groups: list[list[Run]]) -> str:
+def _label(group: list[Results], groups: list[list[Results]]) -> str:
     """The strategy name, plus the settings that tell it apart from same-named groups."""
     name = group[0].strategy
     rivals = [g for g in groups if g[0].strategy == name]
     if len(rivals) == 1:
         return name
-    mine = group[0].settings()
+    mine = settings_of(group[0])
     differing = sorted(
-        {k for g in rivals for k, v in g[0].settings().items() if mine.get(k) != v}
-        | {k for k in mine if any(k not in g[0].settings() for g in rivals)}
+        {k for g in rivals for k, v in settings_of(g[0]).items() if mine.get(k) != v}
+        | {k for k in mine if any(k not in settings_of(g[0]) for g in rivals)}
     )
     shown = ", ".join(f"{k}={json.dumps(mine.get(k), default=str)}" for k in differing)
     return f"{name} [{shown}]"
@@ -262,21 +181,21 @@ def _label(group: list[Run], groups: list[list[Run]]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def stream_label(run: Run) -> str:
+def stream_label(run: Results) -> str:
     name = str(run.config["stream"])
     if name in STREAM_LABELS:
         return STREAM_LABELS[name]
-    source = str(run.results["stream"].get("source", ""))
+    source = str(run.data["stream"].get("source", ""))
     source = re.sub(r"\s+(in\s+)?/\S*$", "", source)  # a trailing local path says nothing
     return f"{name} ({source})" if source else name
 
 
-def metric_label(run: Run) -> str:
-    family = str(run.results.get("metric_family", ""))
+def metric_label(run: Results) -> str:
+    family = str(run.data.get("metric_family", ""))
     return METRIC_LABELS.get(family, f"{family} accuracy" if family else "accuracy")
 
 
-def figure_title(run: Run, what: str) -> str:
+def figure_title(run: Results, what: str) -> str:
     return f"{stream_label(run)}: {metric_label(run)}\n{what}"
 
 
@@ -304,7 +223,7 @@ def _new_figure(width: float, height: float) -> Figure:
 # --------------------------------------------------------------------------------------------
 
 
-def forgetting_curves(runs: Sequence[Run], strategies: Sequence[str] | None = None) -> Figure:
+def forgetting_curves(runs: Sequence[Results], strategies: Sequence[str] | None = None) -> Figure:
     """Accuracy on every task after every training step; one panel per sequential strategy."""
     import matplotlib
 
@@ -395,7 +314,7 @@ def _aa_so_far_panel(ax: Any, sequential: list[RunGroup], joint: list[RunGroup])
 
     palette = colormaps["Dark2"]
     for k, group in enumerate(sequential):
-        rows = [run.results.get("aa_so_far") for run in group.runs]
+        rows = [run.data.get("aa_so_far") for run in group.runs]
         if any(row is None for row in rows):
             raise DataError(f"{group.runs[0].path}: results.json has no aa_so_far")
         values = np.array(rows, dtype=np.float64)
@@ -415,7 +334,7 @@ def _aa_so_far_panel(ax: Any, sequential: list[RunGroup], joint: list[RunGroup])
             std = values.std(axis=0, ddof=1)
             ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.15, lw=0)
     for k, group in enumerate(joint):
-        aas = [run.results.get("aa") for run in group.runs if run.results.get("aa") is not None]
+        aas = [run.data.get("aa") for run in group.runs if run.data.get("aa") is not None]
         if not aas:
             continue
         ax.axhline(
@@ -440,7 +359,7 @@ def _aa_so_far_panel(ax: Any, sequential: list[RunGroup], joint: list[RunGroup])
 # --------------------------------------------------------------------------------------------
 
 
-def accuracy_heatmap(runs: Sequence[Run], strategies: Sequence[str] | None = None) -> Figure:
+def accuracy_heatmap(runs: Sequence[Results], strategies: Sequence[str] | None = None) -> Figure:
     """The accuracy matrix of each strategy (seed mean), values in the cells, NaN blank."""
     import matplotlib
     from matplotlib import colormaps
@@ -508,7 +427,7 @@ def accuracy_heatmap(runs: Sequence[Run], strategies: Sequence[str] | None = Non
 # --------------------------------------------------------------------------------------------
 
 
-def strategy_comparison(runs: Sequence[Run], strategies: Sequence[str] | None = None) -> Figure:
+def strategy_comparison(runs: Sequence[Results], strategies: Sequence[str] | None = None) -> Figure:
     """AA and FM per strategy: mean ± std over seeds (error bars), each seed as a dot."""
     import matplotlib
 
@@ -526,7 +445,7 @@ def strategy_comparison(runs: Sequence[Run], strategies: Sequence[str] | None = 
             labels = []
             for k, group in enumerate(groups):
                 values = np.array(
-                    [r.results.get(key) for r in group.runs if r.results.get(key) is not None],
+                    [r.data.get(key) for r in group.runs if r.data.get(key) is not None],
                     dtype=np.float64,
                 )
                 n = len(group.runs)
@@ -623,7 +542,7 @@ def plot(
     """Read the runs under ``paths`` and write the figure(s) of ``kind``; returns the files."""
     check_output(out)
     targets = output_paths(out, kind)
-    runs = load_runs(paths)
+    runs = find_results(paths)
     written = []
     for name, target in targets.items():
         fig = PLOTTERS[name](runs, strategies)

@@ -22,6 +22,8 @@ class Entry(Generic[T]):
     description: str
     # Values this entry recommends for run settings the user did not set (e.g. epochs).
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    # The entry's own options (name -> "default: what it does"), shown by `cmmm list`.
+    options: Mapping[str, str] = field(default_factory=dict)
 
 
 class Registry(Generic[T]):
@@ -29,11 +31,18 @@ class Registry(Generic[T]):
         self.kind = kind
         self._entries: dict[str, Entry[T]] = {}
 
-    def register(self, name: str, description: str, **defaults: Any) -> Callable[[T], T]:
+    def register(
+        self,
+        name: str,
+        description: str,
+        *,
+        options: Mapping[str, str] | None = None,
+        **defaults: Any,
+    ) -> Callable[[T], T]:
         def decorator(factory: T) -> T:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
-            self._entries[name] = Entry(name, factory, description, defaults)
+            self._entries[name] = Entry(name, factory, description, defaults, options or {})
             return factory
 
         return decorator

@@ -15,8 +15,8 @@ import random
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,16 @@ class RunConfig:
     stream_options: dict[str, Any] = field(default_factory=dict)
     # Overrides of MulTConfig (layers, d_model, dropouts, ...); the paper's MulT when empty.
     backbone_options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], where: str) -> RunConfig:
+        """A config from plain values (a TOML table, results.json's ``config``); ``where`` names
+        their source in the error about an unknown key."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{where}: unknown settings {unknown}; valid: {sorted(known)}")
+        return cls(**values)
 
     def resolved(self) -> RunConfig:
         """A copy with every unset value filled from the stream's defaults (then the paper's)."""
@@ -211,6 +221,23 @@ def prepare(config: RunConfig, log: Callable[[str], None]) -> PreparedRun:
         log=log,
     )
     return PreparedRun(stream=stream, backbone=backbone, pretraining=record, device=device)
+
+
+def hyperparameters(config: RunConfig, strategy_options: Mapping[str, Any]) -> dict[str, Any]:
+    """What TensorBoard's HPARAMS tab compares across runs: every setting that changes a result,
+    the strategy's options in effect as ``option.<name>`` (lists as text; None as "none")."""
+    values: dict[str, Any] = {
+        k: v
+        for k, v in asdict(config).items()
+        if k not in ("out", "data_dir", "cache_dir") and isinstance(v, bool | int | float | str)
+    }
+    for name, value in strategy_options.items():
+        if isinstance(value, bool | int | float | str):
+            values[f"option.{name}"] = value
+        else:
+            values[f"option.{name}"] = "none" if value is None else json.dumps(value)
+    values["run_key"] = config.key()
+    return values
 
 
 class TrainingMonitor(SupervisedPlugin):
@@ -366,7 +393,7 @@ def run(
         "environment": environment_record(),
     }
     writer.add_hparams(
-        {k: v for k, v in asdict(config).items() if isinstance(v, int | float | str)},
+        hyperparameters(config, strategy.options()),
         {"hparam/aa": summary["aa"] or 0.0, "hparam/fm": summary["fm"] or 0.0},
         run_name=".",
     )

@@ -2,30 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-
-from cmmm.errors import DataError
-
-
-def find_results(paths: Iterable[Path]) -> list[dict[str, Any]]:
-    """Every ``results.json`` at or under the given paths, parsed."""
-    found: list[dict[str, Any]] = []
-    for root in paths:
-        files = [root] if root.is_file() else sorted(root.rglob("results.json"))
-        if not root.exists():
-            raise DataError(f"{root}: no such run directory or results file")
-        for file in files:
-            try:
-                found.append(json.loads(file.read_text()))
-            except (OSError, json.JSONDecodeError) as error:
-                raise DataError(f"{file}: not a readable results.json ({error})") from None
-    return found
 
 
 def mean_spread(values: Sequence[float]) -> str:

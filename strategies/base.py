@@ -73,6 +73,11 @@ class Strategy:
         raise NotImplementedError
 
     def options(self) -> dict[str, Any]:
+        """Every option's value in effect (recorded in results.json)."""
+        return {}
+
+    def option_help(self) -> dict[str, str]:
+        """What each option does, for `cmmm list strategies`."""
         return {}
 
 

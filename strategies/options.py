@@ -89,3 +89,6 @@ class ConfigurableStrategy(Strategy):
 
     def options(self) -> dict[str, Any]:
         return dict(self._values)
+
+    def option_help(self) -> dict[str, str]:
+        return {name: opt.help for name, opt in self.OPTIONS.items()}

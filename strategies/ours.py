@@ -191,6 +191,32 @@ class OursOptions:
 
 _USE_FLAG = {"m": "modality", "ta": "task_aware", "ts": "task_specific"}
 
+# One line per OursOptions field for `cmmm list strategies`; the class docstring has the detail.
+OPTION_HELP = {
+    "use_modality": "modality-specific prompts P_m on/off (Table 3)",
+    "use_task_aware": "task-aware prompt P_TA on/off (Table 3)",
+    "use_task_specific": "task-specific prompts P_TS on/off (Table 3)",
+    "order": "order of the prompt types over the layers, e.g. 'ta,m,ts' (Table 5)",
+    "placement": "front or back: layer blocks from the first or against the last layer (Table 6)",
+    "depth_m": "layers carrying P_m",
+    "depth_ta": "layers carrying P_TA",
+    "depth_ts": "layers carrying P_TS",
+    "layers_m": "explicit layers of P_m, e.g. '0,1' (replaces the computed ones)",
+    "layers_ta": "explicit layers of P_TA",
+    "layers_ts": "explicit layers of P_TS",
+    "prompt_length": "prompt length L in tokens (Figure 5)",
+    "prompt_dim": "prompt width; must equal the model width d (None: d)",
+    "prompt_init_std": "std of the normal prompt initialisation",
+    "key_init": "initial value of the missing/present keys k- and k+",
+    "task_aware_combine": "sum or concat of the masked P_m into P_TA",
+    "tau": "temperature of the contrastive task loss",
+    "beta": "weight of the single-modality positive pair (Table 4)",
+    "lam": "weight lambda of the contrastive loss; 0 turns it off (Table 4)",
+    "positive_pairs": "'swap' (audio<->text) or code pairs like 'vt-av,a-t'",
+    "trainable_head": "none, out or all: which head layers train besides the prompts",
+    "task_identity": "pattern (from the sample's presence mask) or oracle (the task label)",
+}
+
 
 def _bool(name: str, raw: Any) -> bool:
     if isinstance(raw, bool):
@@ -296,9 +322,18 @@ assert set(_COERCE) == {f.name for f in fields(OursOptions)}
 
 
 def resolve_layers(options: OursOptions, num_layers: int) -> dict[str, tuple[int, ...]]:
-    """The cross-modal layers each prompt type is attached to (disabled types: none)."""
+    """The cross-modal layers each prompt type is attached to (disabled types: none).
+
+    Types with explicit ``layers_<type>`` use those; the others take consecutive blocks of their
+    depth, in ``order``, from the front or against the back.
+    """
     enabled = options.enabled_types()
-    depths = {kind: getattr(options, f"depth_{kind}") for kind in enabled}
+    explicit = {
+        kind: getattr(options, f"layers_{kind}")
+        for kind in enabled
+        if getattr(options, f"layers_{kind}") is not None
+    }
+    depths = {kind: getattr(options, f"depth_{kind}") for kind in enabled if kind not in explicit}
     total = sum(depths.values())
     if total > num_layers:
         raise ConfigError(
@@ -309,18 +344,16 @@ def resolve_layers(options: OursOptions, num_layers: int) -> dict[str, tuple[int
         )
     start = 0 if options.placement == "front" else num_layers - total
     layers: dict[str, tuple[int, ...]] = {kind: () for kind in PROMPT_TYPES}
-    for kind in enabled:
-        layers[kind] = tuple(range(start, start + depths[kind]))
-        start += depths[kind]
-    for kind in enabled:
-        explicit = getattr(options, f"layers_{kind}")
-        if explicit is not None:
-            if max(explicit) >= num_layers:
-                raise ConfigError(
-                    f"ours: layers_{kind}={explicit} but the cross-modal transformers have "
-                    f"layers 0..{num_layers - 1}"
-                )
-            layers[kind] = tuple(explicit)
+    for kind, depth in depths.items():
+        layers[kind] = tuple(range(start, start + depth))
+        start += depth
+    for kind, chosen in explicit.items():
+        if max(chosen) >= num_layers:
+            raise ConfigError(
+                f"ours: layers_{kind}={chosen} but the cross-modal transformers have "
+                f"layers 0..{num_layers - 1}"
+            )
+        layers[kind] = tuple(chosen)
     return layers
 
 
@@ -650,6 +683,9 @@ class Ours(Strategy):
 
     def options(self) -> dict[str, Any]:
         return asdict(self.config)
+
+    def option_help(self) -> dict[str, str]:
+        return dict(OPTION_HELP)
 
     def build(self, ctx: StrategyContext) -> Any:
         backbone = ctx.model

@@ -43,6 +43,16 @@ STREAMS: Registry[Loader] = Registry("stream")
 SYNTHETIC_DEFAULTS = {"epochs": 5, "pretrain_epochs": 10}
 
 
+def _synthetic_options() -> dict[str, str]:
+    from streams.synthetic import SyntheticSpec
+
+    return {
+        f.name: f"default {f.default!r}"
+        for f in dataclasses.fields(SyntheticSpec)
+        if f.name != "task_type"
+    }
+
+
 def _synthetic_spec(request: StreamRequest, task_type: str):
     from streams.synthetic import SyntheticSpec
 
@@ -55,7 +65,10 @@ def _synthetic_spec(request: StreamRequest, task_type: str):
 
 
 @STREAMS.register(
-    "synthetic", "embedded seeded regression stream (MOSI-like, no download)", **SYNTHETIC_DEFAULTS
+    "synthetic",
+    "embedded seeded regression stream (MOSI-like, no download)",
+    options=_synthetic_options(),
+    **SYNTHETIC_DEFAULTS,
 )
 def _synthetic(request: StreamRequest) -> MultimodalDataset:
     from streams.synthetic import make_synthetic
@@ -66,6 +79,7 @@ def _synthetic(request: StreamRequest) -> MultimodalDataset:
 @STREAMS.register(
     "synthetic-cls",
     "embedded seeded 4-class stream (IEMOCAP-like, no download)",
+    options=_synthetic_options(),
     **SYNTHETIC_DEFAULTS,
 )
 def _synthetic_cls(request: StreamRequest) -> MultimodalDataset:
@@ -74,7 +88,14 @@ def _synthetic_cls(request: StreamRequest) -> MultimodalDataset:
     return make_synthetic(_synthetic_spec(request, "classification"))
 
 
-@STREAMS.register("mosi", "real CMU-MOSI utterance features (bc-LSTM CSVs + CMU SDK labels)")
+@STREAMS.register(
+    "mosi",
+    "real CMU-MOSI utterance features (bc-LSTM CSVs + CMU SDK labels)",
+    options={
+        "valid_videos": "default 10: whole train videos held out for validation",
+        "split_seed": "default 0: which videos are held out",
+    },
+)
 def _mosi(request: StreamRequest) -> MultimodalDataset:
     from streams.mosi import load_mosi
 

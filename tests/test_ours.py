@@ -208,6 +208,11 @@ def test_layer_resolution() -> None:
     # Explicit lists replace the computed layers of their type only.
     explicit = OursOptions.from_options({"layers_ts": "0,1"})
     assert resolve_layers(explicit, 3) == {"m": (0,), "ta": (1,), "ts": (0, 1)}
+    # Types with explicit layers need no depth: all three fit a one-layer model.
+    shared = OursOptions.from_options({"layers_m": "0", "layers_ta": "0", "layers_ts": "0"})
+    assert resolve_layers(shared, 1) == {"m": (0,), "ta": (0,), "ts": (0,)}
+    back = OursOptions.from_options({"placement": "back", "layers_m": "0"})
+    assert resolve_layers(back, 5) == {"m": (0,), "ta": (3,), "ts": (4,)}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -15,11 +15,11 @@ from cmmm.errors import ConfigError, DataError
 from cmmm.plotting import (
     accuracy_heatmap,
     forgetting_curves,
-    load_runs,
     plot,
     strategy_comparison,
     stream_label,
 )
+from cmmm.results import find_results
 
 runner = CliRunner()
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -98,7 +98,7 @@ def line(fig, gid: str):
 
 def test_curves_of_one_run_plot_its_matrix(runs_dir: Path) -> None:
     run = runs_dir / "synthetic-naive-seed0-0123456789"
-    fig = forgetting_curves(load_runs([run]))
+    fig = forgetting_curves(find_results([run]))
     matrix = as_array(NAIVE_0)
     for i, name in enumerate(NAMES):
         learned = line(fig, f"naive|{name}")
@@ -118,7 +118,7 @@ def test_curves_of_one_run_plot_its_matrix(runs_dir: Path) -> None:
 
 
 def test_curves_of_several_seeds_plot_the_mean_with_a_band(runs_dir: Path) -> None:
-    fig = forgetting_curves(load_runs([runs_dir]), strategies=["naive"])
+    fig = forgetting_curves(find_results([runs_dir]), strategies=["naive"])
     seeds = np.stack([as_array(NAIVE_0), as_array(NAIVE_1)])
     mean = np.nanmean(seeds, axis=0)  # the missing cell of seed 1 is ignored, not zeroed
     for i, name in enumerate(NAMES):
@@ -131,7 +131,7 @@ def test_curves_of_several_seeds_plot_the_mean_with_a_band(runs_dir: Path) -> No
 
 
 def test_curves_of_several_strategies_add_aa_so_far(runs_dir: Path) -> None:
-    runs = load_runs([runs_dir])
+    runs = find_results([runs_dir])
     fig = forgetting_curves(runs)
     assert len(fig.axes) == 3  # naive, ours, then AA so far (joint has no curves)
     expected = np.mean(
@@ -148,11 +148,11 @@ def test_curves_of_several_strategies_add_aa_so_far(runs_dir: Path) -> None:
 
 def test_curves_refuse_joint_only(runs_dir: Path) -> None:
     with pytest.raises(DataError, match="joint"):
-        forgetting_curves(load_runs([runs_dir]), strategies=["joint"])
+        forgetting_curves(find_results([runs_dir]), strategies=["joint"])
 
 
 def test_heatmap_shows_the_seed_mean_matrix_with_values(runs_dir: Path) -> None:
-    fig = accuracy_heatmap(load_runs([runs_dir]), strategies=["naive", "joint"])
+    fig = accuracy_heatmap(find_results([runs_dir]), strategies=["naive", "joint"])
     images = {ax.images[0].get_gid(): ax.images[0] for ax in fig.axes if ax.images}
     naive = images["heatmap|naive"].get_array()
     expected = np.nanmean(np.stack([as_array(NAIVE_0), as_array(NAIVE_1)]), axis=0)
@@ -169,14 +169,14 @@ def test_heatmap_shows_the_seed_mean_matrix_with_values(runs_dir: Path) -> None:
 
 def test_heatmap_leaves_nan_cells_blank(tmp_path: Path) -> None:
     run = write_run(tmp_path, "naive", 0, [[70.0, None, None], [69.0, 71.0, None], NAIVE_0[2]])
-    fig = accuracy_heatmap(load_runs([run]))
+    fig = accuracy_heatmap(find_results([run]))
     array = fig.axes[0].images[0].get_array()
     assert array.mask.sum() == 3
     assert len(fig.axes[0].texts) == 6
 
 
 def test_compare_shows_aa_and_fm_with_spread(runs_dir: Path) -> None:
-    fig = strategy_comparison(load_runs([runs_dir]))
+    fig = strategy_comparison(find_results([runs_dir]))
     aa = [metrics(NAIVE_0, False)["aa"], metrics(NAIVE_1, False)["aa"]]
     assert line(fig, "aa|naive").get_ydata()[0] == pytest.approx(np.mean(aa))
     fm = [metrics(NAIVE_0, False)["fm"], metrics(NAIVE_1, False)["fm"]]
@@ -199,32 +199,32 @@ def test_plot_all_writes_valid_png_and_svg(runs_dir: Path, tmp_path: Path) -> No
 
 def test_errors_name_the_path_or_suffix(runs_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(DataError, match="nowhere"):
-        load_runs([tmp_path / "nowhere"])
+        find_results([tmp_path / "nowhere"])
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="empty: no results.json"):
-        load_runs([tmp_path / "empty"])
+        find_results([tmp_path / "empty"])
     with pytest.raises(ConfigError, match="'.jpg'"):
         plot([runs_dir], tmp_path / "fig.jpg")
     with pytest.raises(ConfigError, match="--strategy er"):
         plot([runs_dir], tmp_path / "fig.png", strategies=["er"])
     bad = write_run(tmp_path / "bad", "naive", 0, NAIVE_0[:2])  # 2 rows for 3 tasks
     with pytest.raises(DataError, match="3 x 3"):
-        load_runs([bad])
+        find_results([bad])
 
 
 def test_runs_of_different_streams_are_not_mixed(tmp_path: Path) -> None:
     write_run(tmp_path, "naive", 0, NAIVE_0)
     write_run(tmp_path, "naive", 0, NAIVE_0, stream="mosi")
     with pytest.raises(DataError, match="several streams"):
-        forgetting_curves(load_runs([tmp_path]))
+        forgetting_curves(find_results([tmp_path]))
 
 
 def test_stream_label_drops_a_local_path(tmp_path: Path) -> None:
     run = write_run(tmp_path, "naive", 0, NAIVE_0, stream="odd")
-    [loaded] = load_runs([run])
-    loaded.results["stream"]["source"] = "odd features in /data/odd"
+    [loaded] = find_results([run])
+    loaded.data["stream"]["source"] = "odd features in /data/odd"
     assert stream_label(loaded) == "odd (odd features)"
-    [mosi] = load_runs([write_run(tmp_path / "m", "naive", 0, NAIVE_0, stream="mosi")])
+    [mosi] = find_results([write_run(tmp_path / "m", "naive", 0, NAIVE_0, stream="mosi")])
     assert stream_label(mosi) == "CMU-MOSI (real, bc-LSTM features)"
 
 

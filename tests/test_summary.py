@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from cmmm.cli import app
 from cmmm.errors import DataError
-from cmmm.summary import aggregate, find_results
+from cmmm.results import find_results
+from cmmm.summary import aggregate
 
 
 def write_result(root: Path, strategy: str, seed: int, aa: float, fm: float | None) -> None:
@@ -26,6 +27,9 @@ def write_result(root: Path, strategy: str, seed: int, aa: float, fm: float | No
             "task_order": "default",
             "task_data": "full",
         },
+        "strategy": {"name": strategy, "joint": strategy == "joint"},
+        "stream": {"tasks": [{"name": "a·v·t"}, {"name": "v·t, a missing"}]},
+        "matrix": [[aa, None], [aa, aa]] if strategy != "joint" else [[aa, aa]],
         "aa": aa,
         "fm": fm,
         "bwt": None if fm is None else -fm,
@@ -39,7 +43,7 @@ def test_groups_by_configuration_and_averages_over_seeds(tmp_path: Path) -> None
     for seed, (aa, fm) in enumerate([(60.0, 4.0), (64.0, 2.0), (62.0, -0.5)]):
         write_result(tmp_path, "naive", seed, aa, fm)
     write_result(tmp_path, "joint", 0, 70.0, None)
-    rows = {row.strategy: row for row in aggregate(find_results([tmp_path]))}
+    rows = {row.strategy: row for row in aggregate([r.data for r in find_results([tmp_path])])}
     assert rows["naive"].seeds == [0, 1, 2]
     assert statistics.mean(rows["naive"].aa) == pytest.approx(62.0)
     cells = rows["naive"].row()

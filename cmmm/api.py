@@ -1,0 +1,57 @@
+"""The Python API: run a configuration from a notebook or a script and get its results back.
+
+    import cmmm
+    results = cmmm.run(stream="synthetic", strategy="ours", seed=0, strategy_options={"lam": 1.0})
+    results.aa, results.fm, results.matrix
+    again = cmmm.load_results(results.run_dir)    # what `cmmm run` wrote, as the same object
+
+``run`` is what ``cmmm run`` calls: the same defaults, the same run directory and
+``results.json``; the object it returns is that file read back (``cmmm.results.Results``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from cmmm.results import Results, load_results
+
+
+def run(
+    config: Any = None,
+    /,
+    *,
+    log: Callable[[str], None] | None = print,
+    **settings: Any,
+) -> Results:
+    """Run one configuration and return its results.
+
+    ``config`` is a ``RunConfig``, a mapping of its fields, or a path to a TOML config file (or
+    a finished run's ``results.json``, to repeat it); ``settings`` (``RunConfig`` fields) override
+    it. ``log=None`` silences the progress messages.
+    """
+    from cmmm.config_files import read_config_file
+    from cmmm.running import RunConfig
+    from cmmm.running import run as run_config
+
+    if config is None:
+        values: dict[str, Any] = {}
+    elif isinstance(config, RunConfig):
+        values = asdict(config)
+    elif isinstance(config, Mapping):
+        values = dict(config)
+    elif isinstance(config, str | Path):
+        values = read_config_file(config)
+    else:
+        raise TypeError(
+            f"config must be a RunConfig, a mapping or a path, got {type(config).__name__}"
+        )
+    values.update(settings)
+    resolved = RunConfig.from_mapping(values, "cmmm.run").resolved()
+    written = run_config(resolved, log=log or (lambda _message: None))
+    return load_results(Path(written["run_dir"]))
+
+
+__all__ = ["Results", "load_results", "run"]
