@@ -468,6 +468,10 @@ def experiment(
     out: Annotated[Path, typer.Option(help="runs and the table go here")] = Path("runs"),
     data_dir: DataDirOption = None,
     cache_dir: CacheDirOption = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(help="also draw AA and FM per row (mean ± std, seeds as dots): .png or .svg"),
+    ] = None,
 ) -> None:
     """Run (or reuse) every row of an experiment file for every seed; write a Markdown table."""
     from cmmm.experiments import load_experiment, run_experiment
@@ -485,7 +489,9 @@ def experiment(
             spec.seeds = [int(s) for s in seeds.split(",") if s.strip()]
         except ValueError:
             raise ConfigError(f"--seeds {seeds!r}: write comma-separated integers") from None
-    table, path = run_experiment(spec, out, log=lambda m: console.print(m, highlight=False))
+    table, path = run_experiment(
+        spec, out, log=lambda m: console.print(m, highlight=False), figure=plot
+    )
     print(table)
     console.print(f"table written to {path}", highlight=False)
 

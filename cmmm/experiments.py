@@ -28,12 +28,15 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cmmm.comparison import RunOutcome, run_or_reuse
 from cmmm.errors import ConfigError
 from cmmm.running import RunConfig, atomic_write_text
 from cmmm.summary import mean_spread
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 MERGED_OPTIONS = ("strategy_options", "stream_options", "backbone_options")
 ROW_ONLY = ("label", "paper")
@@ -127,10 +130,34 @@ def markdown_table(experiment: Experiment, outcomes: dict[str, list[RunOutcome]]
     return "\n".join(lines) + "\n"
 
 
+def experiment_figure(experiment: Experiment, outcomes: dict[str, list[RunOutcome]]) -> Figure:
+    """AA and FM per row (mean ± std over seeds, each seed a dot), in the file's row order."""
+    from cmmm.plotting import RunGroup, comparison_figure
+    from cmmm.results import Results
+
+    groups = [
+        RunGroup(row.label, [Results(o.results_path, o.result) for o in found])
+        for row in experiment.rows
+        if (found := [o for o in outcomes[row.label] if o.result is not None])
+    ]
+    if not groups:
+        raise ConfigError(f"{experiment.source}: no row has a finished run to plot")
+    return comparison_figure(
+        groups, f"{experiment.title}: mean ± std over seeds {experiment.seeds}; grey dots: seeds"
+    )
+
+
 def run_experiment(
-    experiment: Experiment, out: Path, log: Callable[[str], None] = print
+    experiment: Experiment,
+    out: Path,
+    log: Callable[[str], None] = print,
+    figure: Path | None = None,
 ) -> tuple[str, Path]:
-    """Run or reuse every (row, seed); write and return the Markdown table."""
+    """Run or reuse every (row, seed); write and return the Markdown table (and the figure)."""
+    if figure is not None:
+        from cmmm.plotting import check_output
+
+        check_output(figure)  # a wrong suffix fails before hours of runs, not after
     outcomes: dict[str, list[RunOutcome]] = {}
     total = len(experiment.rows) * len(experiment.seeds)
     done = 0
@@ -144,4 +171,9 @@ def run_experiment(
     table = markdown_table(experiment, outcomes)
     path = Path(out) / f"{experiment.source.stem}.md"
     atomic_write_text(path, table)
+    if figure is not None:
+        from cmmm.plotting import save_figure
+
+        save_figure(experiment_figure(experiment, outcomes), figure)
+        log(f"figure written to {figure}")
     return table, path

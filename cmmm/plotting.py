@@ -429,13 +429,23 @@ def accuracy_heatmap(runs: Sequence[Results], strategies: Sequence[str] | None =
 
 def strategy_comparison(runs: Sequence[Results], strategies: Sequence[str] | None = None) -> Figure:
     """AA and FM per strategy: mean ± std over seeds (error bars), each seed as a dot."""
+    return comparison_figure(
+        group_runs(runs, strategies),
+        "strategy comparison: mean ± std over seeds (dot, error bar); grey dots: each seed",
+    )
+
+
+def comparison_figure(groups: Sequence[RunGroup], what: str) -> Figure:
+    """AA and FM per group of runs (a strategy, an experiment's row): mean ± std, seeds as dots."""
     import matplotlib
 
-    groups = group_runs(runs, strategies)
     first = groups[0].runs[0]
     x = np.arange(len(groups))
-    with matplotlib.rc_context(_STYLE):
-        fig = _new_figure(max(9.0, 2.0 + 2.6 * len(groups)), 5.6)
+    # Wide enough for a readable label per group, but never wider than a page.
+    width = min(max(9.0, 2.0 + 2.6 * len(groups)), 20.0)
+    style = {**_STYLE, "xtick.labelsize": 10 if len(groups) <= 5 else 8}
+    with matplotlib.rc_context(style):
+        fig = _new_figure(width, 5.6)
         axes = fig.subplots(1, 2)
         metrics = [
             ("aa", "AA: final average accuracy (%)", "AA (%)"),
@@ -476,12 +486,7 @@ def strategy_comparison(runs: Sequence[Results], strategies: Sequence[str] | Non
             ax.set_title(title, loc="left")
             ax.set_ylabel(ylabel)
             ax.grid(True, axis="y", alpha=0.3)
-        fig.suptitle(
-            figure_title(
-                first,
-                "strategy comparison: mean ± std over seeds (dot, error bar); grey dots: each seed",
-            )
-        )
+        fig.suptitle(figure_title(first, what))
     return fig
 
 

@@ -85,9 +85,32 @@ def test_run_writes_a_table_and_reuses_finished_runs(tmp_path: Path) -> None:
     assert written.read_text() == table
     assert "| naive |" in table and "| P_TS only |" in table and "1.0 / 2.0" in table
     messages: list[str] = []
-    run_experiment(experiment, tmp_path / "runs", log=messages.append)
+    figure = tmp_path / "rows.png"
+    run_experiment(experiment, tmp_path / "runs", log=messages.append, figure=figure)
     assert sum("reusing" in m for m in messages) == 4
     assert not any(m.endswith(": running") for m in messages)
+    assert figure.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+    # The figure plots each row's seed mean, in the file's order.
+    from cmmm.comparison import run_or_reuse
+    from cmmm.experiments import experiment_figure
+    from cmmm.running import RunConfig
+
+    outcomes = {
+        row.label: [
+            run_or_reuse(RunConfig(**{**row.config.__dict__, "seed": s}).resolved(), "", print)
+            for s in experiment.seeds
+        ]
+        for row in experiment.rows
+    }
+    fig = experiment_figure(experiment, outcomes)
+    for row in experiment.rows:
+        [line] = [
+            ln for ax in fig.axes for ln in ax.get_lines() if ln.get_gid() == f"aa|{row.label}"
+        ]
+        expected = sum(o.result["aa"] for o in outcomes[row.label]) / len(experiment.seeds)
+        assert line.get_ydata()[0] == pytest.approx(expected)
+    assert "tiny" in fig._suptitle.get_text()
 
     result = CliRunner().invoke(
         app,
