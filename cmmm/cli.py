@@ -397,6 +397,14 @@ def compare(
         typer.Option(help="runs go to OUT/<run>/, the table to OUT/compare-<stream>.md and .csv"),
     ] = Path("runs"),
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda[:N]")] = "auto",
+    orders: Annotated[
+        int,
+        typer.Option(
+            help="K > 0: repeat the comparison under K random task orders and report AA/FM "
+            "across orders (replaces --task-order)"
+        ),
+    ] = 0,
+    order_seed: Annotated[int, typer.Option(help="seed of the random task orders")] = 0,
 ) -> None:
     """Run (or reuse finished runs of) several strategies over seeds; print a Table-2 table."""
     from cmmm.comparison import compare as compare_runs
@@ -419,6 +427,24 @@ def compare(
     base = with_directories(base, data_dir, cache_dir)
     names = expand_strategies(strategies, stream)
     console.print(f"{stream}: {', '.join(names)} x seeds 0..{seeds - 1}", highlight=False)
+    if orders:
+        from cmmm.comparison import compare_orders, random_task_orders
+        from cmmm.running import load_stream
+
+        if task_order != "default":
+            raise ConfigError("--orders draws the task orders; do not also give --task-order")
+        num_tasks = len(load_stream(base.resolved(), log=lambda _m: None).tasks)
+        by_order = compare_orders(
+            base,
+            names,
+            list(range(seeds)),
+            random_task_orders(orders, num_tasks, order_seed),
+            log=lambda m: console.print(m, highlight=False),
+        )
+        markdown_path, csv_path = by_order.write(out)
+        print(by_order.markdown(), end="")
+        console.print(f"written: {markdown_path} and {csv_path}", highlight=False)
+        return
     comparison = compare_runs(
         base, names, list(range(seeds)), log=lambda m: console.print(m, highlight=False)
     )

@@ -11,11 +11,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
+
+import numpy as np
 
 from cmmm import running
 from cmmm.errors import ConfigError
@@ -108,6 +111,8 @@ class Comparison:
     stream: str
     outcomes: list[RunOutcome]
     rows: list[ComparisonRow]
+    # Set when the comparison is one of several task orders (``compare_orders``).
+    task_order: str | None = None
 
     def markdown(self) -> str:
         seeds = sorted({o.seed for o in self.outcomes})
@@ -249,3 +254,130 @@ def _rows(strategies: Sequence[str], outcomes: list[RunOutcome]) -> list[Compari
             )
         )
     return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Task-order robustness: the same comparison under K random task orders
+# --------------------------------------------------------------------------------------------
+
+
+def random_task_orders(count: int, num_tasks: int, order_seed: int = 0) -> list[str]:
+    """``count`` distinct random permutations of the tasks, as ``--task-order`` index lists.
+
+    Drawn from their own generator (``order_seed``), so the orders do not depend on the run
+    seeds and a larger ``count`` extends a smaller one's list.
+    """
+    if count < 1:
+        raise ConfigError(f"--orders must be >= 1, got {count}")
+    if num_tasks < 1:
+        raise ConfigError(f"a stream needs at least one task, got {num_tasks}")
+    possible = math.factorial(num_tasks)
+    if count > possible:
+        raise ConfigError(f"--orders {count}: {num_tasks} tasks have only {possible} orders")
+    rng = np.random.default_rng(order_seed)
+    orders: list[str] = []
+    while len(orders) < count:
+        order = ",".join(str(i + 1) for i in rng.permutation(num_tasks))
+        if order not in orders:
+            orders.append(order)
+    return orders
+
+
+@dataclass
+class OrderRow:
+    """One strategy over several task orders: per order the mean over its seeds."""
+
+    strategy: str
+    aa_by_order: list[float]
+    fm_by_order: list[float]
+    failed: int
+
+    def cells(self) -> list[str]:
+        def worst_best(values: list[float], worst: Callable[..., float]) -> str:
+            return f"{worst(values):.2f}" if values else "n/a"
+
+        return [
+            self.strategy,
+            mean_spread(self.aa_by_order),
+            mean_spread(self.fm_by_order),
+            worst_best(self.aa_by_order, min),
+            worst_best(self.fm_by_order, max),
+            str(len(self.aa_by_order)) + (f" ({self.failed} runs failed)" if self.failed else ""),
+        ]
+
+
+@dataclass
+class OrderComparison:
+    stream: str
+    orders: list[str]
+    seeds: list[int]
+    comparisons: list[Comparison]
+    rows: list[OrderRow]
+
+    def markdown(self) -> str:
+        header = ["method", "AA (%)", "FM", "worst AA", "worst FM", "orders"]
+        lines = [
+            f"## {self.stream}: robustness to the task order",
+            "",
+            f"{len(self.orders)} random task orders, seeds {self.seeds} in each. Per order the "
+            "mean over its seeds; the table gives mean ± sample standard deviation of those "
+            "per-order means across orders, and the worst order.",
+            "",
+            "Orders (1-based indices into the default order): "
+            + "; ".join(f"`{o}`" for o in self.orders),
+            "",
+            "| " + " | ".join(header) + " |",
+            "|---" + "|---:" * (len(header) - 1) + "|",
+        ]
+        lines += ["| " + " | ".join(row.cells()) + " |" for row in self.rows]
+        return "\n".join(lines) + "\n"
+
+    def csv(self) -> str:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["strategy", "order", "aa_seed_mean", "fm_seed_mean", "seeds"])
+        for comparison in self.comparisons:
+            for row in comparison.rows:
+                agg = row.aggregate
+                if agg is None:
+                    continue
+                fm = statistics.mean(agg.fm) if agg.fm else ""
+                order = comparison.task_order or ""
+                seeds = " ".join(map(str, agg.seeds))
+                writer.writerow([row.strategy, order, statistics.mean(agg.aa), fm, seeds])
+        return buffer.getvalue()
+
+    def write(self, out: Path) -> tuple[Path, Path]:
+        stem = f"compare-{self.stream}-orders{len(self.orders)}"
+        markdown_path, csv_path = out / f"{stem}.md", out / f"{stem}.csv"
+        atomic_write_text(markdown_path, self.markdown())
+        atomic_write_text(csv_path, self.csv())
+        return markdown_path, csv_path
+
+
+def compare_orders(
+    base: RunConfig,
+    strategies: Sequence[str],
+    seeds: Sequence[int],
+    orders: Sequence[str],
+    log: Callable[[str], None] = print,
+) -> OrderComparison:
+    """``compare`` once per task order (runs reused by key as always), then across orders."""
+    comparisons = []
+    for index, order in enumerate(orders, start=1):
+        log(f"task order {index}/{len(orders)}: {order}")
+        comparison = compare(replace(base, task_order=order), strategies, seeds, log)
+        comparison.task_order = order
+        comparisons.append(comparison)
+    rows = []
+    for strategy in strategies:
+        aa, fm, failed = [], [], 0
+        for comparison in comparisons:
+            [row] = [r for r in comparison.rows if r.strategy == strategy]
+            failed += len(row.failed_seeds)
+            if row.aggregate is not None:
+                aa.append(statistics.mean(row.aggregate.aa))
+                if row.aggregate.fm:
+                    fm.append(statistics.mean(row.aggregate.fm))
+        rows.append(OrderRow(strategy, aa, fm, failed))
+    return OrderComparison(base.stream, list(orders), list(seeds), comparisons, rows)

@@ -194,3 +194,78 @@ def test_cli_compare_prints_and_writes_the_table(tmp_path: Path, monkeypatch) ->
 
     bad = CliRunner().invoke(app, [*args[:4], "naive,bogus", *args[5:]])
     assert bad.exit_code == 2 and "unknown strategy 'bogus'" in bad.output
+
+
+# --------------------------------------------------------------------------------------------
+# --orders K: the comparison under several random task orders
+# --------------------------------------------------------------------------------------------
+
+
+def order_dependent_run(config: RunConfig, log: Any = print, **_: Any) -> dict[str, Any]:
+    """fake_run whose AA also depends on the task order's first task."""
+    result = fake_run(config, log=log)
+    first = int(config.task_order.split(",")[0])
+    result["aa"] += first
+    atomic_write_text(config.run_dir() / "results.json", json.dumps(result))
+    return result
+
+
+def test_random_task_orders_are_distinct_permutations_fixed_by_their_seed() -> None:
+    from cmmm.comparison import random_task_orders
+
+    orders = random_task_orders(5, 7, order_seed=3)
+    assert len(set(orders)) == 5
+    for order in orders:
+        assert sorted(int(i) for i in order.split(",")) == list(range(1, 8))
+    assert random_task_orders(5, 7, order_seed=3) == orders
+    assert random_task_orders(3, 7, order_seed=3) == orders[:3]
+    assert random_task_orders(5, 7, order_seed=4) != orders
+    assert sorted(random_task_orders(6, 3)) == sorted(
+        ",".join(p) for p in __import__("itertools").permutations("123")
+    )
+    with pytest.raises(ConfigError, match="only 6 orders"):
+        random_task_orders(7, 3)
+    with pytest.raises(ConfigError, match="must be >= 1"):
+        random_task_orders(0, 7)
+
+
+def test_compare_orders_reports_the_spread_across_orders(tmp_path: Path, monkeypatch) -> None:
+    from cmmm.comparison import compare_orders, random_task_orders
+
+    counting = CountingRun(order_dependent_run)
+    monkeypatch.setattr(cmmm.running, "run", counting)
+    base = RunConfig(stream="synthetic", out=str(tmp_path / "runs"), epochs=1)
+    orders = random_task_orders(3, 7, order_seed=0)
+    result = compare_orders(base, ["naive", "ewc"], [0, 1], orders, log=quiet)
+    assert len(counting.calls) == 3 * 2 * 2  # orders x strategies x seeds
+    firsts = [int(o.split(",")[0]) for o in orders]
+    for row in result.rows:
+        seed_mean = statistics.mean(fake_aa(row.strategy, s) for s in (0, 1))
+        assert row.aa_by_order == pytest.approx([seed_mean + f for f in firsts])
+        assert row.fm_by_order == pytest.approx(
+            [statistics.mean(fake_fm(row.strategy, s) for s in (0, 1))] * 3
+        )
+    markdown = result.markdown()
+    naive = table_rows(markdown)["naive"]
+    expected = [statistics.mean(fake_aa("naive", s) for s in (0, 1)) + f for f in firsts]
+    assert naive[1] == f"{statistics.mean(expected):.2f} ± {statistics.stdev(expected):.2f}"
+    assert naive[3] == f"{min(expected):.2f}"
+    assert all(f"`{o}`" in markdown for o in orders)
+    # Again: everything is reused.
+    compare_orders(base, ["naive", "ewc"], [0, 1], orders, log=quiet)
+    assert len(counting.calls) == 12
+    md_path, csv_path = result.write(tmp_path)
+    assert md_path.name == "compare-synthetic-orders3.md"
+    assert len(csv_path.read_text().splitlines()) == 1 + 3 * 2
+
+
+def test_cli_compare_orders(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(cmmm.running, "run", order_dependent_run)
+    args = ["compare", "--strategies", "naive", "--seeds", "1", "--epochs", "1"]
+    args += ["--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]
+    result = CliRunner().invoke(app, [*args, "--orders", "2"])
+    assert result.exit_code == 0, result.output
+    assert "robustness to the task order" in result.stdout
+    assert (tmp_path / "compare-synthetic-orders2.md").exists()
+    result = CliRunner().invoke(app, [*args, "--orders", "2", "--task-order", "t,a"])
+    assert result.exit_code == 2 and "--task-order" in result.output
