@@ -27,6 +27,7 @@ The contrastive task loss (``contrastive_task_loss``) is added by its own plugin
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -50,6 +51,8 @@ PROMPT_TYPES = ("m", "ta", "ts")
 PLACEMENTS = ("front", "back")
 COMBINES = ("sum", "concat")
 TASK_IDENTITIES = ("pattern", "oracle")
+TASK_SPECIFIC_FORMS = ("per_pattern", "compositional")
+COMPOSITIONAL_UPDATES = ("current", "unused")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -84,6 +87,14 @@ class OursOptions:
     the presence mask too; on these streams every sample of a task carries exactly that task's
     pattern, so the two coincide (tests/test_ours.py checks it).
 
+    ``task_specific_form``: "per_pattern" (method.md: one task-specific set per missing case, so
+    2^M - 1 sets) or "compositional" (not in the paper; the ``ours-compositional`` strategy): the
+    set of pattern k is the sum over modalities m of a component C_m^present or C_m^missing, so
+    2M components serve every pattern, seen or not. ``compositional_update``: "current" trains
+    the M components of the current task (components are shared, so old tasks can drift);
+    "unused" trains only components no earlier task has trained and freezes them afterwards (no
+    drift, but later tasks may find nothing left to train but the shared prompts).
+
     ``positive_pairs``: "swap" (default) = the pairs of patterns related by swapping the first and
     the last modality of the layout, which for (audio, video, text) is method.md's audio<->text
     swap: {v,t}<->{a,v} and {a}<->{t}. Or an explicit list of code pairs, e.g. "vt-av,a-t" (Table
@@ -114,6 +125,8 @@ class OursOptions:
     positive_pairs: str = "swap"
     trainable_head: str = "none"
     task_identity: str = "pattern"
+    task_specific_form: str = "per_pattern"
+    compositional_update: str = "current"
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> OursOptions:
@@ -150,6 +163,8 @@ class OursOptions:
             ("task_aware_combine", COMBINES),
             ("trainable_head", tuple(TRAINABLE_HEADS)),
             ("task_identity", TASK_IDENTITIES),
+            ("task_specific_form", TASK_SPECIFIC_FORMS),
+            ("compositional_update", COMPOSITIONAL_UPDATES),
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(
@@ -215,6 +230,10 @@ OPTION_HELP = {
     "positive_pairs": "'swap' (audio<->text) or code pairs like 'vt-av,a-t'",
     "trainable_head": "none, out or all: which head layers train besides the prompts",
     "task_identity": "pattern (from the sample's presence mask) or oracle (the task label)",
+    "task_specific_form": "per_pattern (one set per missing case, 2^M-1 sets) or compositional "
+    "(summed per-modality present/missing components, 2M)",
+    "compositional_update": "compositional only: current (train the task's M components) or "
+    "unused (train only components no earlier task trained, then freeze them)",
 }
 
 
@@ -317,6 +336,8 @@ _COERCE = {
     "positive_pairs": _comma_list,
     "trainable_head": _str,
     "task_identity": _str,
+    "task_specific_form": _str,
+    "compositional_update": _str,
 }
 assert set(_COERCE) == {f.name for f in fields(OursOptions)}
 
@@ -539,6 +560,21 @@ class OursPrompts(nn.Module):
     def task_specific_set(self, pattern: Pattern) -> nn.Parameter:
         return self.task_specific[pattern_key(tuple(pattern))]
 
+    def task_specific_parameters(self, pattern: Pattern | None = None) -> list[nn.Parameter]:
+        """The parameters behind ``pattern``'s task-specific set (all of them for None)."""
+        if pattern is None:
+            return list(self.task_specific.values())
+        key = pattern_key(tuple(pattern))
+        return [self.task_specific[key]] if key in self.task_specific else []
+
+    def trainable_for(self, pattern: Pattern) -> list[nn.Parameter]:
+        """What training an experience of ``pattern`` may change among the task-specific
+        parameters: its own set."""
+        return self.task_specific_parameters(pattern)
+
+    def finished(self, pattern: Pattern) -> None:
+        """Called after an experience of ``pattern``; per-pattern sets need no bookkeeping."""
+
     def pattern_summaries(self) -> dict[Pattern, Tensor]:
         """z_k: each pattern's task-aware prompt averaged over its length, (d,)."""
         task_aware = self.task_aware_all()
@@ -566,6 +602,67 @@ class OursPrompts(nn.Module):
                 prompt = self.task_specific_all()[indices, branch]
             parts.append(prompt)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+class CompositionalPrompts(OursPrompts):
+    """``task_specific_form="compositional"``: pattern k's task-specific set is
+    sum_m C_m^(present or missing in k), each C (M branches, L, d); 2M components instead of
+    2^M - 1 sets, so the parameters grow linearly in M and every pattern, seen in training or
+    not, has a set."""
+
+    def __init__(
+        self, modalities: Sequence[str], width: int, options: OursOptions, layers: dict[str, Any]
+    ) -> None:
+        super().__init__(modalities, width, options, layers)
+        self.update = options.compositional_update
+        self.task_specific = nn.ParameterDict()
+        if options.use_task_specific:
+            m = len(self.modalities)
+            # A sum of M components: each drawn with std/sqrt(M) so the set's scale matches
+            # a per-pattern set's.
+            std = options.prompt_init_std / math.sqrt(m)
+            for modality in self.modalities:
+                for state in ("present", "missing"):
+                    self.task_specific[f"{modality}_{state}"] = nn.Parameter(
+                        torch.randn(m, self.length, width) * std
+                    )
+        self.used: set[str] = set()
+
+    def components(self, pattern: Pattern) -> list[str]:
+        return [
+            f"{modality}_{'present' if present else 'missing'}"
+            for modality, present in zip(self.modalities, pattern, strict=True)
+        ]
+
+    def task_specific_all(self) -> Tensor:
+        return torch.stack(
+            [
+                torch.stack([self.task_specific[c] for c in self.components(p)]).sum(dim=0)
+                for p in self.patterns
+            ]
+        )
+
+    def task_specific_set(self, pattern: Pattern) -> Tensor:  # type: ignore[override]
+        return torch.stack([self.task_specific[c] for c in self.components(tuple(pattern))]).sum(0)
+
+    def task_specific_parameters(self, pattern: Pattern | None = None) -> list[nn.Parameter]:
+        if pattern is None:
+            return list(self.task_specific.values())
+        if not self.task_specific:
+            return []
+        return [self.task_specific[c] for c in self.components(tuple(pattern))]
+
+    def trainable_for(self, pattern: Pattern) -> list[nn.Parameter]:
+        if not self.task_specific:
+            return []
+        names = self.components(tuple(pattern))
+        if self.update == "unused":
+            names = [c for c in names if c not in self.used]
+        return [self.task_specific[c] for c in names]
+
+    def finished(self, pattern: Pattern) -> None:
+        if self.update == "unused":
+            self.used.update(self.components(tuple(pattern)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -601,12 +698,13 @@ def make_task_specific_selector(
             set_requires_grad(model.method_parameters(), True)
             if not joint:
                 self.current = tuple(patterns[strategy.experience.current_experience])
-                for p in prompts.patterns:
-                    if pattern_key(p) in prompts.task_specific:
-                        set_requires_grad([prompts.task_specific_set(p)], p == self.current)
+                set_requires_grad(prompts.task_specific_parameters(), False)
+                set_requires_grad(prompts.trainable_for(self.current), True)
             strategy.make_optimizer()
 
         def after_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+            if self.current is not None:
+                prompts.finished(self.current)
             self.current = None
             set_requires_grad(model.method_parameters(), True)
 
@@ -703,7 +801,10 @@ class Ours(Strategy):
         pairs: list[tuple[Pattern, Pattern]] = []
         if options.contrastive_enabled():
             pairs = positive_pairs(modalities, options.positive_pairs)
-        prompts = OursPrompts(modalities, width, options, self.resolved_layers)
+        prompts_class = (
+            CompositionalPrompts if options.task_specific_form == "compositional" else OursPrompts
+        )
+        prompts = prompts_class(modalities, width, options, self.resolved_layers)
         model = PromptedModel(backbone, prompts, options.trainable_head)
         patterns = [tuple(task.pattern) for task in ctx.stream.tasks]
         plugins = [make_task_specific_selector(model, prompts, patterns, self.joint)]
@@ -721,3 +822,13 @@ class Ours(Strategy):
 )
 class JointOurs(Ours):
     joint = True
+
+
+@STRATEGIES.register(
+    "ours-compositional",
+    "The method with task-specific prompts composed from per-modality present/missing "
+    "components (2M instead of 2^M - 1 sets; not in the paper)",
+)
+class OursCompositional(Ours):
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**{"task_specific_form": "compositional", **options})
