@@ -78,7 +78,8 @@ def _synthetic_cls(request: StreamRequest) -> MultimodalDataset:
 def _mosi(request: StreamRequest) -> MultimodalDataset:
     from streams.mosi import load_mosi
 
-    options = request.take_options({"valid_videos", "split_seed"})
+    # text: "utterance" (the published vectors) or a cached encoding (cmmm data encode-text).
+    options = request.take_options({"valid_videos", "split_seed", "text"})
     return load_mosi(
         request.data_dir, cache_dir=request.cache_dir / "mosi", log=request.log, **options
     )
