@@ -320,7 +320,7 @@ def encode_transcripts(
             f"{max_tokens}"
         )
     if batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     model_dir = Path(model_dir).resolve()
     model_sha256 = model_digest(model_dir)
     name = check_encoder_name(name or default_encoder_name(model_dir, max_tokens))
