@@ -24,13 +24,15 @@ def run(
     /,
     *,
     log: Callable[[str], None] | None = print,
+    resume: bool = False,
     **settings: Any,
 ) -> Results:
     """Run one configuration and return its results.
 
     ``config`` is a ``RunConfig``, a mapping of its fields, or a path to a TOML config file (or
     a finished run's ``results.json``, to repeat it); ``settings`` (``RunConfig`` fields) override
-    it. ``log=None`` silences the progress messages.
+    it. ``log=None`` silences the progress messages. ``resume=True`` continues an interrupted run
+    of this configuration from its last checkpoint (``cmmm run --resume``).
     """
     from cmmm.config_files import read_config_file
     from cmmm.running import RunConfig
@@ -50,7 +52,7 @@ def run(
         )
     values.update(settings)
     resolved = RunConfig.from_mapping(values, "cmmm.run").resolved()
-    written = run_config(resolved, log=log or (lambda _message: None))
+    written = run_config(resolved, log=log or (lambda _message: None), resume=resume)
     return load_results(Path(written["run_dir"]))
 
 

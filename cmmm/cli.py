@@ -173,12 +173,26 @@ def run(
     dry_run: Annotated[
         bool, typer.Option(help="print the fully resolved configuration as TOML and stop")
     ] = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="RUN_DIR",
+            help="continue an interrupted run from its last checkpoint, with the configuration "
+            "saved there (only --data-dir, --cache-dir and --device may be given with it)",
+        ),
+    ] = None,
 ) -> None:
     """Train one strategy on one missing-modality stream and score it after every task."""
     from cmmm.config_files import config_to_toml, read_config_file
     from cmmm.running import RunConfig
-    from cmmm.running import run as run_config
     from strategies import STRATEGIES
+
+    if resume is not None:
+        resumed = resumed_config(ctx, resume, data_dir=data_dir, cache_dir=cache_dir)
+        if resumed is None:
+            return
+        train_and_report(resumed, resume=True)
+        return
 
     flags = {
         "stream": stream,
@@ -225,6 +239,59 @@ def run(
         print(config_to_toml(config, header=header), end="")
         return
 
+    train_and_report(config, resume=False)
+
+
+def resumed_config(
+    ctx: typer.Context, run_dir: Path, data_dir: Path | None, cache_dir: Path | None
+) -> Any:
+    """The configuration to continue the run in ``run_dir`` with; None when it is finished."""
+    from cmmm.checkpoints import CHECKPOINT_FILE
+    from cmmm.errors import CheckpointError
+    from cmmm.running import RESULTS_FILE, resumable_config
+
+    allowed = {"resume", "data_dir", "cache_dir", "device"}
+    given = [n for n in ctx.params if n not in allowed and given_on_command_line(ctx, n)]
+    if given:
+        flags = ", ".join(
+            "--config" if name == "config_file" else "--" + name.replace("_", "-") for name in given
+        )
+        raise ConfigError(
+            f"--resume continues a run with the configuration saved in its checkpoint; {flags} "
+            "cannot be given with it (only --data-dir, --cache-dir and --device can)"
+        )
+    if not run_dir.is_dir():
+        raise CheckpointError(f"--resume {run_dir}: no such run directory")
+    results = run_dir / RESULTS_FILE
+    if not (run_dir / CHECKPOINT_FILE).exists():
+        if results.exists():
+            console.print(
+                f"{run_dir}: the run is finished; results in {results}",
+                highlight=False,
+                soft_wrap=True,
+            )
+            return None
+        raise CheckpointError(
+            f"{run_dir}: no {CHECKPOINT_FILE} to resume from; start the run with `cmmm run`"
+        )
+    config, checkpoint = resumable_config(run_dir)
+    if checkpoint.finished and results.exists():
+        console.print(
+            f"{run_dir}: the run is finished; results in {results}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return None
+    config = with_directories(config, data_dir, cache_dir)
+    if given_on_command_line(ctx, "device"):
+        config.device = ctx.params["device"]
+    return config.validate()
+
+
+def train_and_report(config: Any, resume: bool) -> None:
+    """Run (or continue) ``config`` with a progress bar, then print its accuracy table."""
+    from cmmm.running import run as run_config
+
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -254,7 +321,12 @@ def run(
             progress.update(bar, total=total_epochs, completed=0, description="training")
 
         results = run_config(
-            config, log=log, on_epoch=on_epoch, on_step=on_step, on_start=start_training
+            config,
+            log=log,
+            on_epoch=on_epoch,
+            on_step=on_step,
+            on_start=start_training,
+            resume=resume,
         )
     out_console = Console(soft_wrap=True)
     out_console.print(summary_table(results))

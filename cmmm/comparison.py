@@ -1,9 +1,10 @@
 """``cmmm compare``: run (or reuse) several strategies over several seeds, then one Table-2 table.
 
 Every (strategy, seed) pair is a ``RunConfig`` that differs from the base only in ``strategy``
-and ``seed``. When its ``run_dir()/results.json`` exists the run is reused, otherwise it is run;
-a failed run is reported and the others go on. Aggregation over seeds is ``cmmm.summary``'s
-(the same grouping and mean ± sample standard deviation as ``cmmm summarize``).
+and ``seed``. When its ``run_dir()/results.json`` exists the run is reused, otherwise it is run
+(continued from its checkpoint if it was interrupted); a failed run is reported and the others go
+on. Aggregation over seeds is ``cmmm.summary``'s (the same grouping and mean ± sample standard
+deviation as ``cmmm summarize``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, Literal
 import numpy as np
 
 from cmmm import running
+from cmmm.checkpoints import CHECKPOINT_FILE
 from cmmm.errors import ConfigError
 from cmmm.running import RunConfig, atomic_write_text
 from cmmm.summary import Aggregate, aggregate, mean_spread
@@ -226,10 +228,12 @@ def run_or_reuse(config: RunConfig, label: str, log: Callable[[str], None]) -> R
         return RunOutcome(config.strategy, config.seed, "reused", path, result)
     if path.exists():
         log(f"{label}: {path} is unreadable; running again")
-    log(f"{label}: running")
+    # An interrupted run continues from its checkpoint (running.run refuses to start it over).
+    resume = (config.run_dir() / CHECKPOINT_FILE).exists()
+    log(f"{label}: {'resuming' if resume else 'running'}")
     try:
         # Looked up at call time so that tests can replace cmmm.running.run.
-        result = running.run(config, log=lambda message: log(f"  {message}"))
+        result = running.run(config, log=lambda message: log(f"  {message}"), resume=resume)
     except Exception as error:  # noqa: BLE001 - reported; the other runs go on
         message = f"{type(error).__name__}: {error}"
         log(f"{label}: FAILED ({message})")

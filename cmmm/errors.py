@@ -25,3 +25,7 @@ class DownloadError(DataError):
 
 class ConfigError(CmmmError):
     """A configuration value (stream, strategy, task order, option) is invalid."""
+
+
+class CheckpointError(CmmmError):
+    """A run's checkpoint is missing, unreadable, or belongs to another configuration."""

@@ -422,6 +422,17 @@ class Evaluator:
         self.matrix.set_row(step, accuracies)
         self.history[step] = [dict(metrics) for metrics in per_task]
 
+    def state_dict(self) -> dict[str, Any]:
+        """What was recorded so far (plain values), for a run's checkpoint."""
+        return {"history": {step: [dict(m) for m in self.history[step]] for step in self.history}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Record a ``state_dict`` again, step by step, into an evaluator that recorded nothing."""
+        if self.history:
+            raise CmmmError("load_state_dict needs an evaluator that has recorded nothing")
+        for step, per_task in sorted(state["history"].items()):
+            self.record(step, per_task)
+
     def evaluate_and_record(self, step: int, model: nn.Module) -> list[dict[str, float]]:
         per_task = self.evaluate(model)
         self.record(step, per_task)

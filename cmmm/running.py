@@ -8,12 +8,12 @@ between strategies fair.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import platform
 import random
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -26,9 +26,26 @@ import torch
 from avalanche.core import SupervisedPlugin
 from torch import nn
 
-from cmmm.errors import ConfigError
+from cmmm.atomic_files import atomic_write_text, remove_stale_temporaries
+from cmmm.checkpoints import (
+    CHECKPOINT_FILE,
+    RunCheckpoint,
+    capture_rng,
+    event_file_sizes,
+    read_checkpoint,
+    restore_rng,
+    rewind_event_files,
+    write_checkpoint,
+)
+from cmmm.errors import CheckpointError, ConfigError
 from cmmm.evaluation import EvalTask, Evaluator
 from cmmm.pretraining import backbone_config_for, pretrained_backbone, task_criterion
+from cmmm.template_state import (
+    StateContext,
+    StreamSamples,
+    capture_template_state,
+    restore_template_state,
+)
 from strategies.base import StrategyContext
 from streams.catalog import STREAMS, StreamRequest
 from streams.missing_stream import MissingModalityStream, build_stream
@@ -37,6 +54,7 @@ from streams.standardization import standardize
 
 # method.md's training protocol: Adam, batch 64, 30 epochs per task.
 PAPER_DEFAULTS = {"epochs": 30, "pretrain_epochs": 30}
+RESULTS_FILE = "results.json"
 
 
 @dataclass
@@ -126,21 +144,6 @@ def seed_everything(seed: int) -> None:
 
 def count_parameters(model: nn.Module, trainable_only: bool) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a crash leaves the previous file intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def environment_record() -> dict[str, Any]:
@@ -271,6 +274,43 @@ class TrainingMonitor(SupervisedPlugin):
         self.epoch += 1
         self.global_epoch += 1
 
+    # Between steps only the epoch count over the whole run carries over (start_step sets the
+    # rest, and the loss sums restart every epoch).
+    def checkpoint_state(self, context: StateContext) -> dict[str, Any]:
+        return {"global_epoch": self.global_epoch}
+
+    def restore_checkpoint_state(self, state: dict[str, Any], context: StateContext) -> None:
+        self.global_epoch = int(state["global_epoch"])
+
+
+class RunStopped(Exception):
+    """``run(..., stop_after=k)`` stopped as asked, once step k's checkpoint was written."""
+
+    def __init__(self, run_dir: Path, completed_steps: int) -> None:
+        super().__init__(
+            f"stopped after step {completed_steps} as asked; continue with "
+            f"`cmmm run --resume {run_dir}`"
+        )
+        self.run_dir = run_dir
+        self.completed_steps = completed_steps
+
+
+def resumable_config(run_dir: Path) -> tuple[RunConfig, RunCheckpoint]:
+    """The configuration of the run in ``run_dir`` (from its checkpoint, with ``out`` set to the
+    directory's parent) and the checkpoint itself."""
+    path = run_dir / CHECKPOINT_FILE
+    checkpoint = read_checkpoint(path)
+    config = RunConfig.from_mapping(
+        {**checkpoint.config, "out": str(run_dir.parent)}, str(path)
+    ).resolved()
+    checkpoint.check_config(asdict(config), config.key(), path)
+    if config.run_dir().name != run_dir.name:
+        raise CheckpointError(
+            f"{run_dir}: its checkpoint's configuration belongs in a directory named "
+            f"{config.run_dir().name}; rename the directory back, then resume"
+        )
+    return config, checkpoint
+
 
 def run(
     config: RunConfig,
@@ -278,14 +318,36 @@ def run(
     on_epoch: Callable[[int, int, float], None] | None = None,
     on_step: Callable[[int, list[dict[str, float]]], None] | None = None,
     on_start: Callable[[int], None] | None = None,
+    *,
+    resume: bool = False,
+    stop_after: int | None = None,
 ) -> dict[str, Any]:
-    """Run one configuration end to end and write ``results.json`` and TensorBoard events."""
+    """Run one configuration end to end and write ``results.json`` and TensorBoard events.
+
+    After every training step the run replaces ``checkpoint.pt`` in its directory
+    (``cmmm.checkpoints``). ``resume``: continue from that checkpoint; the result is the one an
+    uninterrupted run would have written. Without ``resume``, a directory holding an unfinished
+    run's checkpoint is refused rather than overwritten. ``stop_after=k``: raise ``RunStopped``
+    once step k (1-based) and its checkpoint are done, as a crash there would (for tests, and to
+    split a long run; ignored when k is the last step or beyond).
+    """
     from torch.utils.tensorboard import SummaryWriter
 
     from strategies import STRATEGIES
 
     config = config.resolved()
     strategy_entry = STRATEGIES.get(config.strategy)
+    run_dir = config.run_dir()
+    checkpoint_path = run_dir / CHECKPOINT_FILE
+    checkpoint = read_checkpoint(checkpoint_path) if resume else None
+    if checkpoint is not None:
+        checkpoint.check_config(asdict(config), config.key(), checkpoint_path)
+    elif checkpoint_path.exists() and not (run_dir / RESULTS_FILE).exists():
+        raise CheckpointError(
+            f"{run_dir} holds an unfinished run of this configuration ({CHECKPOINT_FILE}, no "
+            f"{RESULTS_FILE}); continue it with `cmmm run --resume {run_dir}`, or delete the "
+            "directory to start over"
+        )
     started = time.perf_counter()
     prepared = prepare(config, log)
     stream, backbone, device = prepared.stream, prepared.backbone, prepared.device
@@ -293,57 +355,133 @@ def run(
     total_backbone = count_parameters(backbone, trainable_only=False)
     seed_everything(config.seed)
     strategy = strategy_entry.factory(**config.strategy_options)
-    run_dir = config.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
-    writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-    monitor = TrainingMonitor(writer, on_epoch or (lambda *_: None))
-    ctx = prepared.strategy_context(config, plugins=[monitor])
-    template = strategy.build(ctx)
-    model: nn.Module = template.model
-    evaluator = Evaluator(
-        [EvalTask(task.name, task.test) for task in stream.tasks],
-        family=dataset.metric_family,
-        num_classes=dataset.num_classes,
-        batch_size=config.eval_batch_size,
-        device=device,
-        num_steps=1 if strategy.joint else len(stream.tasks),
-    )
-    benchmark = stream.avalanche_benchmark()
-    train_seconds = 0.0
-    if on_start is not None:
-        on_start(config.epochs * (1 if strategy.joint else len(stream.tasks)))
-
-    def score(step: int) -> None:
-        per_task = evaluator.evaluate_and_record(step, model)
-        for task, metrics in zip(stream.tasks, per_task, strict=True):
-            writer.add_scalar(f"acc/{task.code}", metrics["acc"], step)
-        summary = evaluator.summary()
-        writer.add_scalar(
-            "aa_so_far", float(np.mean([m["acc"] for m in per_task[: step + 1]])), step
+    tensorboard_dir = run_dir / "tensorboard"
+    if checkpoint is not None:
+        # Back to the moment of the checkpoint: what a killed session wrote after it goes.
+        rewind_event_files(tensorboard_dir, checkpoint.tensorboard)
+        for path in (checkpoint_path, run_dir / RESULTS_FILE):
+            remove_stale_temporaries(path)
+    writer = SummaryWriter(log_dir=str(tensorboard_dir))
+    try:
+        monitor = TrainingMonitor(writer, on_epoch or (lambda *_: None))
+        ctx = prepared.strategy_context(config, plugins=[monitor])
+        template = strategy.build(ctx)
+        model: nn.Module = template.model
+        num_steps = 1 if strategy.joint else len(stream.tasks)
+        evaluator = Evaluator(
+            [EvalTask(task.name, task.test) for task in stream.tasks],
+            family=dataset.metric_family,
+            num_classes=dataset.num_classes,
+            batch_size=config.eval_batch_size,
+            device=device,
+            num_steps=num_steps,
         )
-        if summary["fm"] is not None:
-            writer.add_scalar("fm", summary["fm"], step)
-        if on_step is not None:
-            on_step(step, per_task)
+        benchmark = stream.avalanche_benchmark()
+        samples = StreamSamples(benchmark.train_stream)
+        first_step, train_seconds, earlier_wall = 0, 0.0, 0.0
+        pretraining = prepared.pretraining
+        if checkpoint is not None:
+            restore_template_state(template, checkpoint.template, samples)
+            evaluator.load_state_dict(checkpoint.evaluator)
+            first_step = checkpoint.completed_steps
+            train_seconds, earlier_wall = checkpoint.train_seconds, checkpoint.wall_seconds
+            # How the run's backbone was made (this session may have found it in the cache).
+            pretraining = checkpoint.pretraining
+            # Last: building and restoring drew random numbers; the run continues from the
+            # generators' state at the checkpoint.
+            restore_rng(checkpoint.rng)
+            log(f"resuming after step {first_step} of {num_steps} from {checkpoint_path}")
+        if on_start is not None:
+            on_start(config.epochs * (num_steps - first_step))
 
-    if strategy.joint:
-        tick = time.perf_counter()
-        template.train(benchmark.train_stream)
-        train_seconds += time.perf_counter() - tick
-        score(0)
-    else:
-        for step, experience in enumerate(benchmark.train_stream):
+        def score(step: int) -> None:
+            per_task = evaluator.evaluate_and_record(step, model)
+            for task, metrics in zip(stream.tasks, per_task, strict=True):
+                writer.add_scalar(f"acc/{task.code}", metrics["acc"], step)
+            summary = evaluator.summary()
+            writer.add_scalar(
+                "aa_so_far", float(np.mean([m["acc"] for m in per_task[: step + 1]])), step
+            )
+            if summary["fm"] is not None:
+                writer.add_scalar("fm", summary["fm"], step)
+            if on_step is not None:
+                on_step(step, per_task)
+
+        def save_checkpoint(completed_steps: int) -> None:
+            writer.flush()  # so that the recorded sizes end on whole events
+            write_checkpoint(
+                checkpoint_path,
+                RunCheckpoint(
+                    config=asdict(config),
+                    run_key=config.key(),
+                    completed_steps=completed_steps,
+                    num_steps=num_steps,
+                    template=capture_template_state(template, samples),
+                    evaluator=evaluator.state_dict(),
+                    pretraining=pretraining,
+                    train_seconds=train_seconds,
+                    wall_seconds=earlier_wall + time.perf_counter() - started,
+                    tensorboard=event_file_sizes(tensorboard_dir),
+                    rng=capture_rng(),
+                ),
+            )
+
+        # Joint training is one step over the whole stream.
+        steps = [benchmark.train_stream] if strategy.joint else benchmark.train_stream
+        for step, experience in itertools.islice(enumerate(steps), first_step, None):
             monitor.start_step(step)
             tick = time.perf_counter()
             template.train(experience)
             train_seconds += time.perf_counter() - tick
             score(step)
+            save_checkpoint(step + 1)
+            if stop_after is not None and step + 1 == stop_after < num_steps:
+                raise RunStopped(run_dir, step + 1)
 
-    summary = evaluator.summary()
+        summary = evaluator.summary()
+        results = results_record(
+            config,
+            prepared,
+            strategy,
+            summary,
+            model,
+            total_backbone=total_backbone,
+            pretraining=pretraining,
+            wall_seconds=earlier_wall + time.perf_counter() - started,
+            train_seconds=train_seconds,
+        )
+        writer.add_hparams(
+            hyperparameters(config, strategy.options()),
+            {"hparam/aa": summary["aa"] or 0.0, "hparam/fm": summary["fm"] or 0.0},
+            run_name=".",
+        )
+    finally:
+        writer.close()
+    atomic_write_text(run_dir / RESULTS_FILE, json.dumps(results, indent=2))
+    return results
+
+
+def results_record(
+    config: RunConfig,
+    prepared: PreparedRun,
+    strategy: Any,
+    summary: dict[str, Any],
+    model: nn.Module,
+    *,
+    total_backbone: int,
+    pretraining: dict[str, Any],
+    wall_seconds: float,
+    train_seconds: float,
+) -> dict[str, Any]:
+    """What ``results.json`` holds (see the README's Outputs). ``total_backbone``: the
+    backbone's parameters, counted before the strategy wrapped it."""
+    stream = prepared.stream
+    dataset = stream.dataset
     trainable = count_parameters(model, trainable_only=True)
-    results = {
+    return {
         "config": asdict(config),
-        "run_dir": str(run_dir),
+        "run_dir": str(config.run_dir()),
         "stream": {
             "name": dataset.name,
             "source": dataset.source,
@@ -367,7 +505,7 @@ def run(
             "joint": strategy.joint,
             "options": strategy.options(),
         },
-        "pretraining": prepared.pretraining,
+        "pretraining": pretraining,
         **{
             k: summary[k]
             for k in (
@@ -387,16 +525,8 @@ def run(
             "backbone": total_backbone,
             "trainable_share_of_backbone": trainable / total_backbone,
         },
-        "device": str(device),
-        "wall_time_seconds": time.perf_counter() - started,
+        "device": str(prepared.device),
+        "wall_time_seconds": wall_seconds,
         "train_time_seconds": train_seconds,
         "environment": environment_record(),
     }
-    writer.add_hparams(
-        hyperparameters(config, strategy.options()),
-        {"hparam/aa": summary["aa"] or 0.0, "hparam/fm": summary["fm"] or 0.0},
-        run_name=".",
-    )
-    writer.close()
-    atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2))
-    return results

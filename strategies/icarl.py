@@ -30,6 +30,7 @@ Defaults: ``alpha = 1`` (iCaRL weighs its distillation and label terms equally),
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -56,6 +57,15 @@ class NearestMeanOfExemplars(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone.forward_features(x)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> Any:
+        # Avalanche's NCMClassifier registers its class_means buffer as None until it has means,
+        # so a fresh model would refuse a state holding them ("unexpected key"); NCM's own loader
+        # takes them (and rebuilds its class -> mean table) first.
+        means = state_dict.get("ncm.class_means")
+        if means is not None and self.ncm.class_means is None:
+            self.ncm.load_state_dict({"class_means": means})
+        return super().load_state_dict(state_dict, strict)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training or not self.use_ncm or self.ncm.class_means is None:
@@ -93,6 +103,28 @@ def icarl_plugin(mem_size: int, alpha: float, classification: bool, batch_size: 
 
         def exemplar_count(self) -> int:
             return sum(len(d) for d in self.memory.values())
+
+        def checkpoint_state(self, context: Any) -> dict[str, Any]:
+            # Exemplars as the stream's sample keys, in herding order; the previous model's
+            # weights (the class means live in the model's own state).
+            return {
+                "memory": [
+                    {"task": task, "class": cls, "samples": context.samples.keys(exemplars)}
+                    for (task, cls), exemplars in self.memory.items()
+                ],
+                "old_model": None if self.old_model is None else self.old_model.state_dict(),
+            }
+
+        def restore_checkpoint_state(self, state: dict[str, Any], context: Any) -> None:
+            from cmmm.template_state import frozen_copy
+
+            self.memory = {
+                (group["task"], group["class"]): context.samples.dataset(group["samples"])
+                for group in state["memory"]
+            }
+            saved = state["old_model"]
+            backbone = context.template.model.backbone
+            self.old_model = None if saved is None else frozen_copy(backbone, saved)
 
         def after_train_dataset_adaptation(self, strategy: Any, **kwargs: Any) -> None:
             if self.memory:

@@ -219,6 +219,10 @@ def make_task_plugin(model: QueryPromptedModel) -> Any:
     from avalanche.core import SupervisedPlugin
 
     class QueryPromptPlugin(SupervisedPlugin):
+        # For checkpoints: last_aux only reports the last minibatch; the model's training task
+        # and auxiliary loss are cleared by end_task; nothing here reaches the next experience.
+        stateless_between_experiences = True
+
         def __init__(self) -> None:
             super().__init__()
             self.last_aux: float | None = None

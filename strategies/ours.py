@@ -690,6 +690,10 @@ def make_task_specific_selector(
     """
 
     class TaskSpecificSelector(_supervised_plugin()):  # type: ignore[misc]
+        # For checkpoints: ``current`` is None again after every experience, and requires_grad
+        # is set afresh before the next one.
+        stateless_between_experiences = True
+
         def __init__(self) -> None:
             super().__init__()
             self.current: Pattern | None = None
@@ -718,6 +722,10 @@ def make_contrastive_plugin(
     The z_k come from the shared parameters only, so no data of other tasks is needed."""
 
     class ContrastiveTaskLoss(_supervised_plugin()):  # type: ignore[misc]
+        # For checkpoints: the loss comes from the prompts (in the model's state); last_value
+        # only reports the last minibatch.
+        stateless_between_experiences = True
+
         def __init__(self) -> None:
             super().__init__()
             self.last_value: float | None = None
@@ -738,6 +746,9 @@ def make_oracle_plugin(prompts: OursPrompts, patterns: Sequence[Pattern]) -> Any
     table = torch.tensor([prompts.pattern_index[tuple(p)] for p in patterns], dtype=torch.long)
 
     class OracleTaskIdentity(_supervised_plugin()):  # type: ignore[misc]
+        # For checkpoints: the identities are cleared after every forward.
+        stateless_between_experiences = True
+
         def _set(self, strategy: Any) -> None:
             labels = strategy.mb_task_id.long().cpu()
             prompts.oracle_indices = table[labels].to(strategy.device)

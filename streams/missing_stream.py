@@ -22,6 +22,9 @@ from streams.patterns import Pattern, pattern_code, pattern_name
 
 TaskData = Literal["full", "disjoint"]
 
+# The data attribute naming each training sample of the Avalanche benchmark (avalanche_benchmark).
+SAMPLE_KEY = "sample_key"
+
 
 def layout_of(dataset: MultimodalDataset) -> PackedLayout:
     return PackedLayout(
@@ -122,20 +125,34 @@ class MissingModalityStream:
 
         Task labels are the experience indices; the models ignore them (domain-incremental: the
         missing pattern is read from the input), but replay buffers and per-task plugins use them.
+
+        Every training sample also carries its sample key (the data attribute ``SAMPLE_KEY``, not
+        part of the mini-batches): its position in the concatenation of all experiences' training
+        sets. Avalanche carries data attributes through ``subset`` and ``concat``, so a replay
+        buffer built from these datasets knows which samples it holds; a checkpoint stores those
+        keys instead of the samples (``cmmm.template_state``).
         """
         from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
         from avalanche.benchmarks.scenarios.task_aware import with_task_labels
         from avalanche.benchmarks.utils import _make_taskaware_classification_dataset
+        from avalanche.benchmarks.utils.data_attribute import DataAttribute
 
-        def wrap(ds: PatternDataset):
+        def wrap(ds: PatternDataset, first_key: int | None = None):
             targets = ds.labels[ds.indices]
-            return _make_taskaware_classification_dataset(
+            wrapped = _make_taskaware_classification_dataset(
                 ds, task_labels=ds.task_label, targets=targets.tolist()
             )
+            if first_key is None:
+                return wrapped
+            keys = DataAttribute(list(range(first_key, first_key + len(ds))), name=SAMPLE_KEY)
+            # The class's own constructor, as Avalanche's subset/concat do: it keeps the targets
+            # and task labels and the dataset type (a plain make_avalanche_dataset would not).
+            return type(wrapped)([wrapped], data_attributes=[keys])
 
+        first_keys = np.cumsum([0] + [len(t.train) for t in self.tasks[:-1]]).tolist()
         return with_task_labels(
             benchmark_from_datasets(
-                train=[wrap(t.train) for t in self.tasks],
+                train=[wrap(t.train, k) for t, k in zip(self.tasks, first_keys, strict=True)],
                 test=[wrap(t.test) for t in self.tasks],
             )
         )
