@@ -2,6 +2,7 @@
 
 from strategies import (  # noqa: F401
     agem,
+    aoept,
     codaprompt,
     der,
     dualprompt,
@@ -10,9 +11,11 @@ from strategies import (  # noqa: F401
     joint,
     l2p,
     lwf,
+    memprompt,
     mplmm,
     naive,
     ours,
+    promma,
     replay,
     si,
     sprompts,

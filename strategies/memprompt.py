@@ -1,0 +1,227 @@
+"""MemPrompt (Zhao, Xi, Fu and Zhao, "Enhancing Multimodal Model Robustness Under Missing
+Modalities via Memory-Driven Prompt Learning"; seed ``002_ef34f62067adfdae``) on the frozen MulT,
+trained task after task like every other baseline (it has no continual mechanism).
+
+Taken from the paper (and, where the paper is silent or ambiguous, from its public code
+``zhao-yh20/MemPrompt``, read only):
+
+* Per modality m and prompted layer l, a prompt memory of K prompts p_k (L x d) with keys q_k
+  (d). The query f_m is the max-pool over time of m's tokens at that layer, also when m is
+  missing (its tokens are then those of the dummy input). The N keys nearest by cosine are kept,
+  a softmax over those N cosines weights them, and the weighted sum of their prompts is the
+  generative prompt p_(g,m) (the code's ``PromptMemory``; the paper's Eq. 5 writes the softmax
+  before the top-N selection, the code and baselines.md after it, which is what is done here).
+* Shared prompts: one S_m (L_s x d) per modality and layer. A sample's shared prompt is the sum
+  of S_m over its missing modalities, or over every modality when it is complete (the code's
+  cases 0-2), mapped for each modality m by its own bottleneck MLP G_m (d -> d/r -> d, GELU):
+  p_(s,m) = G_m(sum S). Modality m's prompts are [p_(s,m) ; p_(g,m)], placed before m's tokens
+  (Eq. 2, the "distributed" placement of Table 4).
+* Defaults: K = 16 (Table 3), N = 5, L = L_s = 16 (MM-IMDb, Food101), bottleneck ratio r = 16
+  (the code's ``hidden_size // 16``), prompts on the first half of the layers (the first 6 of
+  ViLT's 12 blocks), backbone frozen, task loss only. Initialisation as in the code: memory
+  prompts and keys Kaiming-normal (a = sqrt(5)), shared prompts N(0, 0.02), bottleneck weights
+  N(0, 0.02) with zero biases. ``trainable_head`` "out": MemPrompt trains its classifier with the
+  prompts; MulT's counterpart is ``out_layer``.
+
+Reconstructed for MulT (the backbone is not modified; prompts enter through its hook only):
+
+* "Before m's tokens in layer l" becomes the key/value prefix of the cross-modal transformers
+  whose **source** is m (target t <- source m, layer l): there, and only there, m's tokens are
+  the keys and values the layer attends to, so the prompts sit among them as in ViLT's joint
+  sequence, and the other modalities read them, which is where a missing m's information has to
+  be made up for. (Attaching to the target-m transformers would let only m's own, possibly
+  zero-filled, queries read them.) The memory (self-attention) transformers get no prompt.
+* m's tokens "at layer l" are the keys/values that layer's attention receives: the layer's
+  LayerNorm of the embedded sequence of m. They are read from one prompt-free pass of the frozen
+  backbone (``strategies.site_tokens``: eval mode, no gradient, forward pre-hooks), so the query
+  carries no embedding dropout and does not depend on the prompts of earlier layers (in MulT the
+  source side of a cross-modal transformer is the same sequence at every layer anyway). Each
+  site (t <- m, l) retrieves with its own query from the memory of (m, l), shared by the M-1
+  sites of that modality and layer.
+* Layers: the first half of MulT's cross-modal layers, "0,1,2" of 5.
+* With d = 30 the published ratio r = 16 leaves a one-unit bottleneck (max(1, d // r)); lower
+  ``bottleneck_ratio`` for a wider one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cmmm.backbone import MulT, PromptContext, PromptSite
+from cmmm.errors import ConfigError
+from strategies.base import STRATEGIES, StrategyContext
+from strategies.l2p import (
+    check_layers_exist,
+    cosine_matrix,
+    normalise_layer_option,
+    require_mult,
+    trainable_head_option,
+)
+from strategies.options import ConfigurableStrategy, Option
+from strategies.prompted_model import PromptedModel, make_prompt_template
+from strategies.site_tokens import SiteTokens, frozen_site_tokens
+
+
+def retrieve(memory: Tensor, keys: Tensor, query: Tensor, top_n: int) -> Tensor:
+    """(B, L, d) generative prompts: the ``top_n`` prompts of ``memory`` (K, L, d) whose ``keys``
+    (K, d) are nearest to each ``query`` (B, d) by cosine, weighted by a softmax over those
+    ``top_n`` cosines and summed."""
+    top = cosine_matrix(query, keys).topk(top_n, dim=1)
+    weights = top.values.softmax(dim=1)  # (B, N)
+    return torch.einsum("bn,bnld->bld", weights, memory[top.indices])
+
+
+def relevant_modalities(presence: Tensor) -> Tensor:
+    """(B, M) 0/1: which modalities' shared prompts a sample sums, its missing ones, or every
+    modality when none is missing."""
+    missing = (presence < 0.5).to(presence.dtype)
+    complete = missing.sum(dim=1, keepdim=True) == 0
+    return torch.where(complete, torch.ones_like(missing), missing)
+
+
+def _key(modality: str, layer: int) -> str:
+    return f"{modality}_{layer}"
+
+
+class MemPromptPrompts(nn.Module):
+    """Prompt memories, keys, shared prompts and bottleneck maps per (modality, layer)."""
+
+    def __init__(
+        self,
+        modalities: Sequence[str],
+        layers: Sequence[int],
+        width: int,
+        memory_size: int,
+        top_n: int,
+        prompt_length: int,
+        shared_length: int,
+        bottleneck: int,
+    ) -> None:
+        super().__init__()
+        self.modalities = tuple(modalities)
+        self.layers = tuple(layers)
+        self.top_n = top_n
+        self.memory = nn.ParameterDict()
+        self.keys = nn.ParameterDict()
+        self.maps = nn.ModuleDict()
+        for m in self.modalities:
+            for layer in self.layers:
+                memory = torch.empty(memory_size, prompt_length, width)
+                keys = torch.empty(memory_size, width)
+                nn.init.kaiming_normal_(memory, a=math.sqrt(5))
+                nn.init.kaiming_normal_(keys, a=math.sqrt(5))
+                self.memory[_key(m, layer)] = nn.Parameter(memory)
+                self.keys[_key(m, layer)] = nn.Parameter(keys)
+                self.maps[_key(m, layer)] = self._bottleneck(width, bottleneck)
+        # Per layer, the shared prompts of every modality stacked in layout order: (M, L_s, d).
+        self.shared = nn.ParameterDict(
+            {
+                str(layer): nn.Parameter(
+                    torch.randn(len(self.modalities), shared_length, width) * 0.02
+                )
+                for layer in self.layers
+            }
+        )
+        # Site (target, source, layer) -> (B, L_s + L, d) prefix of the current batch.
+        self.current: dict[tuple[str, str, int], Tensor] | None = None
+
+    @staticmethod
+    def _bottleneck(width: int, hidden: int) -> nn.Sequential:
+        layers = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        for linear in (layers[0], layers[2]):
+            nn.init.normal_(linear.weight, std=0.02)
+            nn.init.zeros_(linear.bias)
+        return layers
+
+    def site_prompts(
+        self, tokens: SiteTokens, presence: Tensor
+    ) -> dict[tuple[str, str, int], Tensor]:
+        """Every prompted site's (B, L_s + L, d) prefix: [shared ; generative] of its source."""
+        relevance = relevant_modalities(presence)  # (B, M)
+        prompts = {}
+        for layer in self.layers:
+            shared_sum = torch.einsum("bm,mld->bld", relevance, self.shared[str(layer)])
+            for source in self.modalities:
+                key = _key(source, layer)
+                shared = self.maps[key](shared_sum)
+                for target in self.modalities:
+                    if target == source:
+                        continue
+                    query = tokens[(target, source, layer)].amax(dim=1)  # (B, d) max-pool
+                    generative = retrieve(self.memory[key], self.keys[key], query, self.top_n)
+                    prompts[(target, source, layer)] = torch.cat([shared, generative], dim=1)
+        return prompts
+
+    def prompt_for(self, site: PromptSite, ctx: PromptContext) -> Tensor | None:
+        if not site.is_cross or self.current is None:
+            return None
+        assert site.source is not None
+        return self.current.get((site.target, site.source, site.layer))
+
+
+class MemPromptModel(PromptedModel):
+    """Reads the frozen backbone's tokens at the prompted layers, builds every site's prompts
+    from them, then runs the backbone with those prompts."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        prompts: MemPromptPrompts = self.prompts  # type: ignore[assignment]
+        tokens = frozen_site_tokens(self.backbone, x, prompts.layers)
+        _, presence = self.backbone.layout.unpack(x)
+        prompts.current = prompts.site_prompts(tokens, presence)
+        try:
+            with self.backbone.using_prompt_hook(prompts.prompt_for):
+                return self.backbone(x)
+        finally:
+            prompts.current = None
+
+
+@STRATEGIES.register(
+    "memprompt",
+    "MemPrompt: prompts retrieved from a per-modality memory plus mapped shared prompts",
+)
+class MemPrompt(ConfigurableStrategy):
+    family = "memprompt"
+    OPTIONS = {
+        "memory_size": Option(
+            16, int, "prompts K in each memory (per modality and layer)", minimum=1
+        ),
+        "top_n": Option(5, int, "memory prompts mixed per query (top-N by cosine)", minimum=1),
+        "prompt_length": Option(16, int, "tokens of a generative prompt", minimum=1),
+        "shared_length": Option(16, int, "tokens of a shared prompt", minimum=1),
+        "bottleneck_ratio": Option(
+            16, int, "r of the shared prompts' d -> d/r -> d maps", minimum=1
+        ),
+        "layers": Option("0,1,2", str, "cross-modal layers given prompts"),
+        "trainable_head": trainable_head_option("out", "head layers trained with the prompts"),
+    }
+
+    def check(self) -> None:
+        self.layers = normalise_layer_option(self, "layers")
+        if self.opt("top_n") > self.opt("memory_size"):
+            raise ConfigError(
+                f"memprompt: top_n ({self.opt('top_n')}) cannot exceed memory_size "
+                f"({self.opt('memory_size')})"
+            )
+
+    def build(self, ctx: StrategyContext) -> Any:
+        backbone: MulT = require_mult("memprompt", ctx.model)
+        check_layers_exist("memprompt", "layers", self.layers, backbone.config.layers)
+        width = backbone.config.d_model
+        prompts = MemPromptPrompts(
+            backbone.layout.modalities,
+            self.layers,
+            width,
+            self.opt("memory_size"),
+            self.opt("top_n"),
+            self.opt("prompt_length"),
+            self.opt("shared_length"),
+            max(1, width // self.opt("bottleneck_ratio")),
+        )
+        model = MemPromptModel(backbone, prompts, self.opt("trainable_head"))
+        self.model = model
+        return make_prompt_template(model, ctx)
