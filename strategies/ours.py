@@ -626,7 +626,14 @@ class CompositionalPrompts(OursPrompts):
                     self.task_specific[f"{modality}_{state}"] = nn.Parameter(
                         torch.randn(m, self.length, width) * std
                     )
-        self.used: set[str] = set()
+        # Which components an earlier task trained ("unused" mode): a buffer, so it is in the
+        # state dict and survives a checkpoint and resume.
+        self.component_names = [
+            f"{modality}_{state}"
+            for modality in self.modalities
+            for state in ("present", "missing")
+        ]
+        self.register_buffer("used", torch.zeros(len(self.component_names), dtype=torch.bool))
 
     def components(self, pattern: Pattern) -> list[str]:
         return [
@@ -657,12 +664,13 @@ class CompositionalPrompts(OursPrompts):
             return []
         names = self.components(tuple(pattern))
         if self.update == "unused":
-            names = [c for c in names if c not in self.used]
+            names = [c for c in names if not self.used[self.component_names.index(c)]]
         return [self.task_specific[c] for c in names]
 
     def finished(self, pattern: Pattern) -> None:
         if self.update == "unused":
-            self.used.update(self.components(tuple(pattern)))
+            for name in self.components(tuple(pattern)):
+                self.used[self.component_names.index(name)] = True
 
 
 # ------------------------------------------------------------------------------------------------
