@@ -25,3 +25,12 @@ class DownloadError(DataError):
 
 class ConfigError(CmmmError):
     """A configuration value (stream, strategy, task order, option) is invalid."""
+
+
+def one_line(text: object) -> str:
+    """``text`` with every run of whitespace (line breaks included) made one space.
+
+    For foreign text put into a message (another library's exception, a name read from a file),
+    so that the message stays the one line the CLI promises.
+    """
+    return " ".join(str(text).split())
