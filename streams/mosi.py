@@ -572,6 +572,15 @@ def _read_numeric_csv(path: Path, columns: int, binary_last: bool = True) -> np.
                 f"{path}: line {line}, column {bad + 1}: {fields[bad]!r} is NaN or infinite. "
                 "Re-fetch the data with: cmmm data download mosi"
             )
+        # Features are kept as float32, where a finite value such as 3.5e38 becomes infinite.
+        with np.errstate(over="ignore"):
+            beyond_float32 = ~np.isfinite(values.astype(np.float32))
+        if beyond_float32.any():
+            bad = int(np.flatnonzero(beyond_float32)[0])
+            raise DataError(
+                f"{path}: line {line}, column {bad + 1}: {fields[bad]!r} is beyond the float32 "
+                "range the features are kept in. Re-fetch the data with: cmmm data download mosi"
+            )
         if binary_last and values[-1] not in (0.0, 1.0):
             raise DataError(
                 f"{path}: line {line}: the last column is the binary label and must be 0 or 1, "

@@ -42,15 +42,14 @@ CASES = [(stream, file) for stream, file, _ in PICKLE_CASES] + [
 DATA_DIR_NAMES = ["data", "[data]", "da[/]ta", "[bold]x[/bold]"]
 
 
-def write_valid_data(data_dir: Path, stream: str) -> None:
+def write_valid_data(data_dir: Path, stream: str, file: str) -> None:
+    """A valid data directory for ``stream`` holding ``file``."""
     if stream == "mosi":
         write_tiny_mosi(data_dir)
         return
-    for case_stream, file, content in PICKLE_CASES:
-        if case_stream == stream:
-            (data_dir / file).parent.mkdir(parents=True, exist_ok=True)
-            (data_dir / file).write_bytes(pickle.dumps(content()))
-            return
+    (content,) = [content for s, f, content in PICKLE_CASES if (s, f) == (stream, file)]
+    (data_dir / file).parent.mkdir(parents=True)
+    (data_dir / file).write_bytes(pickle.dumps(content()))
 
 
 @st.composite
@@ -103,7 +102,7 @@ def test_corrupt_data_directory_ends_in_one_line_naming_the_file(
     stream, file = case
     with tempfile.TemporaryDirectory(prefix="cmmm-fuzz-") as tmp:
         data_dir = Path(tmp) / dir_name
-        write_valid_data(data_dir, stream)
+        write_valid_data(data_dir, stream, file)
         path = data_dir / file
         damaged = data.draw(corrupt_file(path.read_bytes(), file.endswith(".pkl")), label="damage")
         path.write_bytes(damaged.content)

@@ -159,17 +159,20 @@ def _write_rows(rows: list[list[str]]) -> bytes:
 
 
 def _finite_number(text: str) -> float | None:
+    """``text`` as a number the loader can keep (finite, also as float32), else None."""
     try:
         value = float(text)
     except ValueError:
         return None
-    return value if math.isfinite(value) else None
+    with np.errstate(over="ignore"):
+        return value if math.isfinite(value) and np.isfinite(np.float32(value)) else None
 
 
 CELL_TOKENS = st.one_of(
     st.sampled_from(
         ["nan", "NaN", "inf", "-inf", "Infinity", "1e999", "-1e999", "abc", "", " ", "1+2j"]
         + ["True", "0x1f", "1_0", "1d5", "1,5", '"', "\uff11", "\x1c1", "0", "1", "3.0", "-0"]
+        + ["3.5e38", "-3.4028236e38", "3.4028234e38"]  # beyond, beyond, within float32
     ),
     st.floats().map(repr),
     st.integers(-5, 30).map(str),
