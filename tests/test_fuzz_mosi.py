@@ -195,7 +195,10 @@ def _cell_verdict(file: str, column: int, original: str, token: str) -> Verdict:
     value = _finite_number(token)
     if value is None:
         return Verdict.INVALID
-    keeps_its_value = (file in INDEX_FILES and column == 0) or column == COLUMNS[file] - 1
+    if file in INDEX_FILES:
+        keeps_its_value = column == 0  # the row number; the text features are not used
+    else:
+        keeps_its_value = column == COLUMNS[file] - 1  # the binary label
     if keeps_its_value and value != float(original):
         return Verdict.INVALID
     return Verdict.VALID
