@@ -17,8 +17,9 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
-from cmmm.errors import CmmmError, ConfigError
+from cmmm.errors import CmmmError, ConfigError, one_line
 
 app = typer.Typer(
     add_completion=False,
@@ -30,7 +31,9 @@ benchmark_app = typer.Typer(no_args_is_help=True, help="Measure speed.")
 app.add_typer(data_app, name="data")
 app.add_typer(benchmark_app, name="benchmark")
 
-console = Console(stderr=True)
+# No console markup: messages hold paths, file contents and names from files, where "[x]" or
+# "[/x]" would be eaten as style tags (or raise MarkupError, a traceback). Styles go through Text.
+console = Console(stderr=True, markup=False)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -53,7 +56,8 @@ def reports_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except CmmmError as error:
-            console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            message = Text.assemble(("error:", "bold red"), " ", one_line(error))
+            console.print(message, highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -328,7 +332,7 @@ def train_and_report(config: Any, resume: bool) -> None:
             on_start=start_training,
             resume=resume,
         )
-    out_console = Console(soft_wrap=True)
+    out_console = Console(soft_wrap=True, markup=False)
     out_console.print(summary_table(results))
     out_console.print(
         f"AA {format_metric(results['aa'])}  FM {format_metric(results['fm'])}  "
@@ -546,7 +550,7 @@ def benchmark_overhead(
     config = RunConfig(stream=stream, epochs=epochs, batch_size=batch_size, seed=seed)
     config = with_directories(config, data_dir, cache_dir)
     report = measure_overhead(config, log=lambda m: console.print(m, highlight=False))
-    Console(soft_wrap=True).print(report.table())
+    Console(soft_wrap=True, markup=False).print(report.table())
 
 
 @app.command()
@@ -595,9 +599,11 @@ def compare(
     from cmmm.comparison import compare as compare_runs
     from cmmm.comparison import expand_strategies
     from cmmm.running import RunConfig
+    from streams.catalog import STREAMS
 
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    STREAMS.get(stream)  # an unknown name lists the valid ones before any run is planned
     base = RunConfig(
         stream=stream,
         epochs=epochs,

@@ -29,3 +29,12 @@ class ConfigError(CmmmError):
 
 class CheckpointError(CmmmError):
     """A run's checkpoint is missing, unreadable, or belongs to another configuration."""
+
+
+def one_line(text: object) -> str:
+    """``text`` with every run of whitespace (line breaks included) made one space.
+
+    For foreign text put into a message (another library's exception, a name read from a file),
+    so that the message stays the one line the CLI promises.
+    """
+    return " ".join(str(text).split())

@@ -42,7 +42,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from cmmm.errors import ConfigError, DataError, DatasetNotFoundError
+from cmmm.errors import ConfigError, DataError, DatasetNotFoundError, one_line
 from streams.base import MultimodalDataset, Split
 from streams.text_encoding import (
     UTTERANCE_TEXT,
@@ -172,10 +172,14 @@ LOADER_FILES: tuple[str, ...] = (
 
 _PUBLISHED = {f.path: f for f in MOSI_FILES}
 # Bump when the cached arrays change meaning, so old caches are ignored rather than misread.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: arrays_sha256 added
+# The cache's own checksum of its arrays: any change to them after writing means a rebuild.
+CACHE_DIGEST = "arrays_sha256"
 # Below this share of agreeing signs the .csd cannot be the label file of these CSVs.
 MIN_SIGN_AGREEMENT = 0.95
-_UTTERANCE_ID = re.compile(r"^(?P<video>.+)_(?P<k>[1-9][0-9]*)$")
+# At most six digits for k: MOSI videos have a few dozen segments, and int() refuses numbers
+# of more than 4300 digits, which a damaged file could hold.
+_UTTERANCE_ID = re.compile(r"^(?P<video>.+)_(?P<k>[1-9][0-9]{0,5})$")
 
 
 def download_command(data_dir: Path) -> str:
@@ -243,6 +247,7 @@ def load_mosi(
         arrays = _build_arrays(root, valid_videos, split_seed)
         arrays["cache_key"] = np.array(key)
         arrays["cache_format"] = np.array(CACHE_FORMAT)
+        arrays[CACHE_DIGEST] = np.array(_arrays_digest(arrays))
         _write_cache(cache_file, arrays, log)
         dataset = _to_dataset(arrays, root, valid_videos, split_seed).validate()
         origin = f"built from {root}"
@@ -421,9 +426,10 @@ def _build_arrays(root: Path, valid_videos: int, split_seed: int) -> dict[str, n
     shared = sorted(train_videos & test_videos)
     if shared:
         raise DataError(
-            f"CMU-MOSI in {root}: videos {', '.join(shared[:5])} have utterances in both "
-            f"{index_file('train')} and {index_file('test')}; the bc-LSTM split must be speaker "
-            "independent. Re-fetch the data with: cmmm data download mosi"
+            f"CMU-MOSI in {root}: videos {', '.join(shared[:5])} have utterances (as "
+            f"{TRANSCRIPTS} names them) in both {index_file('train')} and {index_file('test')}; "
+            "the bc-LSTM split must be speaker independent. "
+            "Re-fetch the data with: cmmm data download mosi"
         )
     ids = np.concatenate([per_source[s]["utterance_ids"] for s in SOURCE_SPLITS])
     if len(np.unique(ids)) != len(ids):
@@ -509,9 +515,9 @@ def _read_source_split(
             r = int(mismatch[0])
             raise DataError(
                 f"{path}: row {r + 1}: binary label {file_binary[r]:g} disagrees with "
-                f"{TRANSCRIPTS} ({int(binary[r])}) for utterance {utterance_ids[r]} "
-                f"({mismatch.size} rows disagree); the files do not belong together. "
-                "Re-fetch the data with: cmmm data download mosi"
+                f"{TRANSCRIPTS} ({int(binary[r])}) for utterance {utterance_ids[r]}, which row "
+                f"{r + 1} of {index_file(split)} points to ({mismatch.size} rows disagree); the "
+                "files do not belong together. Re-fetch the data with: cmmm data download mosi"
             )
         result[f"features.{modality}"] = table[:, None, :-1].astype(np.float32)
 
@@ -523,14 +529,16 @@ def _read_source_split(
         video, k = match["video"], int(match["k"])
         if video not in segment_labels:
             raise DataError(
-                f"{root / LABELS_CSD}: no labels for video {video} (utterance {utterance}, "
-                f"row {r + 1} of {index_path}). Re-fetch the data with: cmmm data download mosi"
+                f"{root / LABELS_CSD}: no labels for video {video} (utterance {utterance} of "
+                f"{TRANSCRIPTS}, row {r + 1} of {index_path}). "
+                "Re-fetch the data with: cmmm data download mosi"
             )
         video_labels = segment_labels[video]
         if k > len(video_labels):
             raise DataError(
                 f"{root / LABELS_CSD}: video {video} has {len(video_labels)} segments, but "
-                f"utterance {utterance} (row {r + 1} of {index_path}) needs segment {k}. "
+                f"utterance {utterance} of {TRANSCRIPTS} (row {r + 1} of {index_path}) needs "
+                f"segment {k}. "
                 "Re-fetch the data with: cmmm data download mosi"
             )
         videos.append(video)
@@ -580,46 +588,63 @@ def _read_segment_labels(path: Path) -> dict[str, np.ndarray]:
     labels: dict[str, np.ndarray] = {}
     try:
         with h5py.File(path, "r") as csd:
-            if CSD_DATA_GROUP not in csd:
+            # .get, not []: a damaged file may hold a dangling link, or a dataset where a
+            # group belongs, and those must be reported, not raised as KeyError/AttributeError.
+            data = csd.get(CSD_DATA_GROUP)
+            if not isinstance(data, h5py.Group):
                 raise DataError(
                     f"{path}: no group {CSD_DATA_GROUP!r}; this is not the CMU-MOSI opinion "
                     "label file. Re-fetch the data with: cmmm data download mosi"
                 )
-            for video, group in csd[CSD_DATA_GROUP].items():
-                if (
-                    not isinstance(group, h5py.Group)
-                    or "features" not in group
-                    or "intervals" not in group
-                ):
-                    raise DataError(
-                        f"{path}: {CSD_DATA_GROUP}/{video} must hold 'features' and 'intervals'"
-                    )
-                values = np.asarray(group["features"][()], dtype=np.float64)
-                intervals = np.asarray(group["intervals"][()])
-                if values.ndim != 2 or values.shape[1] != 1:
-                    raise DataError(
-                        f"{path}: {CSD_DATA_GROUP}/{video}/features must be (n, 1), got "
-                        f"{values.shape}"
-                    )
-                if intervals.shape != (values.shape[0], 2):
-                    raise DataError(
-                        f"{path}: {CSD_DATA_GROUP}/{video}/intervals must be ({values.shape[0]}, "
-                        f"2) like its features, got {intervals.shape}"
-                    )
-                values = values[:, 0]
-                low, high = LABEL_RANGE
-                if not np.all(np.isfinite(values)) or values.min() < low or values.max() > high:
-                    raise DataError(
-                        f"{path}: {CSD_DATA_GROUP}/{video}/features must be finite sentiment "
-                        f"scores in [{low:g}, {high:g}]"
-                    )
-                labels[video] = values.astype(np.float32)
-    except OSError as err:
+            for video in data:
+                labels[video] = _read_video_labels(path, video, data.get(video))
+    except (OSError, KeyError, RuntimeError, ValueError) as err:
+        # What h5py raises on a damaged file: OSError (not HDF5, truncated), KeyError
+        # (unreadable object headers), RuntimeError/ValueError (corrupt metadata).
         raise DataError(
-            f"{path}: cannot be read as HDF5 ({err}). "
+            f"{path}: cannot be read as HDF5 ({type(err).__name__}: {one_line(err)}). "
             "Re-fetch the data with: cmmm data download mosi"
         ) from err
     return labels
+
+
+def _read_video_labels(path: Path, video: str, group: object) -> np.ndarray:
+    """The sentiment scores of one video's segments, checked against the SDK's layout."""
+    import h5py
+
+    where = f"{path}: {CSD_DATA_GROUP}/{video}"
+    datasets = {}
+    for name in ("features", "intervals"):
+        dataset = group.get(name) if isinstance(group, h5py.Group) else None
+        # A null dataspace has no shape: it holds no values at all.
+        if not isinstance(dataset, h5py.Dataset) or dataset.shape is None:
+            raise DataError(
+                f"{where} must be a group holding the datasets 'features' and 'intervals'. "
+                "Re-fetch the data with: cmmm data download mosi"
+            )
+        datasets[name] = dataset
+    features, intervals = datasets["features"], datasets["intervals"]
+    # Sentiment scores are real numbers; bool, complex, text or compound data is not a score
+    # even where numpy would convert it.
+    if features.dtype.kind not in "fiu":
+        raise DataError(
+            f"{where}/features must hold real numbers, got dtype {features.dtype}. "
+            "Re-fetch the data with: cmmm data download mosi"
+        )
+    if len(features.shape) != 2 or features.shape[1] != 1:
+        raise DataError(f"{where}/features must be (n, 1), got {features.shape}")
+    if intervals.shape != (features.shape[0], 2):
+        raise DataError(
+            f"{where}/intervals must be ({features.shape[0]}, 2) like its features, got "
+            f"{intervals.shape}"
+        )
+    values = np.asarray(features[()], dtype=np.float64)[:, 0]
+    low, high = LABEL_RANGE
+    if values.size and (
+        not np.all(np.isfinite(values)) or values.min() < low or values.max() > high
+    ):
+        raise DataError(f"{where}/features must be finite sentiment scores in [{low:g}, {high:g}]")
+    return values.astype(np.float32)
 
 
 def _csv_rows(path: Path, columns: int):
@@ -657,8 +682,10 @@ def _read_numeric_csv(path: Path, columns: int, binary_last: bool = True) -> np.
     """
     rows: list[np.ndarray] = []
     for line, fields in _csv_rows(path, columns):
+        # Python's float() for every cell, not numpy's parser: the two disagree on odd cells
+        # (numpy reads "\x1c1" as 1), and the error below must find the cell that failed.
         try:
-            values = np.array(fields, dtype=np.float64)
+            values = np.array([float(cell) for cell in fields], dtype=np.float64)
         except ValueError:
             bad = next(i for i, cell in enumerate(fields) if not _is_number(cell))
             raise DataError(
@@ -670,6 +697,15 @@ def _read_numeric_csv(path: Path, columns: int, binary_last: bool = True) -> np.
             raise DataError(
                 f"{path}: line {line}, column {bad + 1}: {fields[bad]!r} is NaN or infinite. "
                 "Re-fetch the data with: cmmm data download mosi"
+            )
+        # Features are kept as float32, where a finite value such as 3.5e38 becomes infinite.
+        with np.errstate(over="ignore"):
+            beyond_float32 = ~np.isfinite(values.astype(np.float32))
+        if beyond_float32.any():
+            bad = int(np.flatnonzero(beyond_float32)[0])
+            raise DataError(
+                f"{path}: line {line}, column {bad + 1}: {fields[bad]!r} is beyond the float32 "
+                "range the features are kept in. Re-fetch the data with: cmmm data download mosi"
             )
         if binary_last and values[-1] not in (0.0, 1.0):
             raise DataError(
@@ -740,7 +776,7 @@ def _cache_key(digests: Mapping[str, str], valid_videos: int, split_seed: int) -
 
 
 def _expected_cache_names() -> set[str]:
-    names = {"cache_key", "cache_format", "sign_agreement"}
+    names = {"cache_key", "cache_format", CACHE_DIGEST, "sign_agreement"}
     for split in SPLITS:
         names |= {f"{split}.features.{m}" for m in MODALITIES}
         names |= {f"{split}.{n}" for n in ("labels", "binary", "groups", "utterance_ids")}
@@ -758,12 +794,57 @@ def _read_cache(cache_file: Path, key: str, log: Log) -> dict[str, np.ndarray] |
             raise ValueError("unexpected contents")
         if str(arrays["cache_key"]) != key or int(arrays["cache_format"]) != CACHE_FORMAT:
             raise ValueError("written for other source files or split")
+        if str(arrays[CACHE_DIGEST]) != _arrays_digest(arrays):
+            raise ValueError("its arrays do not match their sha256 (changed since written)")
+        _check_cache_layout(arrays)
     # A cache is disposable: whatever is wrong with it (truncated zip, bad CRC, foreign file),
     # the answer is to rebuild, never to fail.
     except Exception as err:
         log(f"CMU-MOSI: ignoring unusable cache {cache_file} ({err}); rebuilding it")
         return None
     return arrays
+
+
+def _arrays_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """sha256 of every array's name, dtype, shape and bytes (but its own)."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        if name == CACHE_DIGEST:
+            continue
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(json.dumps([name, array.dtype.str, array.shape]).encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _check_cache_layout(arrays: Mapping[str, np.ndarray]) -> None:
+    """Raise ValueError unless every array has the dtype and shape ``_build_arrays`` gives it.
+
+    The key only says which sources the cache was built from; a damaged or tampered cache can
+    still hold arrays of other shapes or dtypes, which must not reach a run.
+    """
+    any_str = "str of any length"
+    expected: dict[str, tuple[np.dtype | str, tuple[int, ...]]] = {
+        "cache_key": (any_str, ()),
+        "cache_format": (np.dtype(np.int64), ()),
+        CACHE_DIGEST: (any_str, ()),
+        "sign_agreement": (np.dtype(np.int64), (2,)),
+    }
+    for split in SPLITS:
+        labels = arrays[f"{split}.labels"]
+        n = labels.shape[0] if labels.ndim == 1 else -1
+        expected[f"{split}.labels"] = (np.dtype(np.float32), (n,))
+        expected[f"{split}.binary"] = (np.dtype(np.int8), (n,))
+        expected[f"{split}.groups"] = (any_str, (n,))
+        expected[f"{split}.utterance_ids"] = (any_str, (n,))
+        for modality in MODALITIES:
+            shape = (n, 1, FEATURE_DIMS[modality])
+            expected[f"{split}.features.{modality}"] = (np.dtype(np.float32), shape)
+    for name, (dtype, shape) in expected.items():
+        array = arrays[name]
+        right_dtype = array.dtype.kind == "U" if dtype == any_str else array.dtype == dtype
+        if not right_dtype or array.shape != shape:
+            raise ValueError(f"{name} has dtype {array.dtype} and shape {array.shape}")
 
 
 def _write_cache(cache_file: Path, arrays: Mapping[str, np.ndarray], log: Log) -> None:

@@ -75,11 +75,15 @@ def parse_task_order(spec: str | None, modalities: tuple[str, ...]) -> list[Patt
         raise ConfigError(f"--task-order {spec!r} names no task")
     order: list[Pattern] = []
     for item in items:
-        if item.isdigit():
-            k = int(item)
-            if not 1 <= k <= len(default):
+        # ASCII digits only: str.isdigit() also accepts "²", which int() refuses.
+        if item.isascii() and item.isdigit():
+            # int() refuses more than 4300 digits; a number that long is out of range anyway.
+            digits = item.lstrip("0") or "0"
+            k = int(digits) if len(digits) <= 6 else None
+            if k is None or not 1 <= k <= len(default):
+                shown = k if k is not None else f"{digits[:6]}... ({len(digits)} digits)"
                 raise ConfigError(
-                    f"--task-order: task {k} does not exist; use 1..{len(default)} "
+                    f"--task-order: task {shown} does not exist; use 1..{len(default)} "
                     f"(default order: {', '.join(by_code)})"
                 )
             pattern = default[k - 1]

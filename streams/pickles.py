@@ -315,6 +315,22 @@ def _raise_if_not_finite(arr: np.ndarray, path: Path, split_name: str, key: str)
     )
 
 
+def _as_float32(arr: np.ndarray, path: Path, split_name: str, key: str) -> np.ndarray:
+    """``arr`` as float32, refusing finite values that float32 cannot hold (they would turn
+    into infinities the model cannot train on)."""
+    with np.errstate(over="ignore"):
+        narrowed = arr.astype(np.float32, copy=False)
+    overflowed = np.isinf(narrowed) & np.isfinite(arr)
+    if overflowed.any():
+        biggest = float(np.abs(arr[overflowed]).max())
+        raise DataError(
+            f"{path}: {split_name}/{key} holds {int(overflowed.sum())} values beyond the float32 "
+            f"range (largest magnitude {biggest:.3g}); the file is damaged: download it again or "
+            "fix those entries"
+        )
+    return narrowed
+
+
 def _features(
     entry: Mapping[str, object], path: Path, split_name: str
 ) -> tuple[dict[str, np.ndarray], int]:
@@ -329,7 +345,7 @@ def _features(
                 f"{path}: {split_name}/{key} has shape {arr.shape}, expected (N, L, D); "
                 "this is not a MulT or MMSA feature pickle"
             )
-        arr = arr.astype(np.float32, copy=False)
+        arr = _as_float32(arr, path, split_name, key)
         if modality == "audio":
             neg_inf = np.isneginf(arr)
             zeroed = int(neg_inf.sum())
@@ -368,12 +384,12 @@ def _check_same_shape_across_splits(splits: Mapping[str, Split], path: Path) -> 
 
 def _regression_labels(raw: np.ndarray, path: Path, split_name: str, key: str) -> np.ndarray:
     # MulT stores (N, 1, 1), MMSA (N,) or (N, 1): one score per sample either way.
-    if raw.ndim == 0 or int(np.prod(raw.shape[1:])) != 1:
+    if raw.ndim == 0 or raw.shape[1:] not in ((), (1,), (1, 1)):
         raise DataError(
             f"{path}: {split_name}/{key} has shape {raw.shape}, expected one sentiment score per "
             "sample: (N,), (N, 1) or (N, 1, 1)"
         )
-    return raw.reshape(raw.shape[0]).astype(np.float32)
+    return _as_float32(raw.reshape(raw.shape[0]), path, split_name, key)
 
 
 def _iemocap_classes(raw: np.ndarray, path: Path, split_name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -409,8 +425,11 @@ def _groups_from_ids(ids: object, n: int) -> np.ndarray | None:
         return None
     if arr.ndim == 0 or arr.shape[0] != n or n == 0:
         return None
-    first = arr[:, 0] if arr.ndim == 2 else arr if arr.ndim == 1 else None
-    if first is None:
+    if arr.ndim == 2 and arr.shape[1] >= 1:
+        first = arr[:, 0]
+    elif arr.ndim == 1:
+        first = arr
+    else:
         return None
     groups = []
     for value in first:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,6 +21,22 @@ REPO = Path(__file__).resolve().parents[1]
 # makes these small models 20-30 times slower (threads wait for each other); one thread keeps a
 # tiny run at a few seconds.
 torch.set_num_threads(1)
+
+# Property tests (tests/test_fuzz_*.py). Every example writes files and runs a loader, so
+# examples are slow by Hypothesis' standards: no deadline, and no health check about it.
+# "ci" (the default) draws the same examples on every run (derandomize, no example database): a
+# red CI run is reproduced by running the same command, and a green one stays green until the
+# code or the tests change. "thorough" draws ten times as many, fresh ones each run, and keeps
+# failing examples in .hypothesis/ to replay them first next time; select it with
+# HYPOTHESIS_PROFILE=thorough.
+_FUZZ_SETTINGS = settings(
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+)
+settings.register_profile("ci", _FUZZ_SETTINGS, max_examples=40, derandomize=True, database=None)
+settings.register_profile("thorough", _FUZZ_SETTINGS, max_examples=400)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 TINY_STREAM_OPTIONS: dict[str, Any] = {"n_train": 64, "n_valid": 16, "n_test": 32}
 TINY_BACKBONE_OPTIONS: dict[str, Any] = {"layers": 1, "self_layers": 1}

@@ -45,3 +45,10 @@ def test_console_script_and_pins() -> None:
     pins = (REPO / "constraints.txt").read_text()
     assert re.search(r"^torch==\S+$", pins, flags=re.M)
     assert re.search(r"^torchvision==\S+$", pins, flags=re.M)
+
+
+def test_test_extras_hold_what_the_tests_import() -> None:
+    # CI installs .[test] on a fresh machine; the property tests need Hypothesis.
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    test = {re.split(r"[<>=\[ ]", dep)[0] for dep in extras["optional-dependencies"]["test"]}
+    assert {"pytest", "ruff", "hypothesis"} <= test
