@@ -291,7 +291,8 @@ def benchmark_sweep(
     ] = None,
     workers: Annotated[str, typer.Option(help="comma-separated Ray worker counts")] = "1,2",
     out: Annotated[
-        Path | None, typer.Option(help="keep the runs here [default: a temporary directory]")
+        Path | None,
+        typer.Option(help="keep the runs here (default: a temporary directory, deleted)"),
     ] = None,
     data_dir: DataDirOption = None,
     cache_dir: CacheDirOption = None,
@@ -452,18 +453,18 @@ def parse_seeds(seeds: str) -> list[int]:
 @reports_errors
 def sweep(
     file: Annotated[
-        Path, typer.Argument(help="an experiment file: rows and/or a [grid], x seeds (TOML)")
+        Path, typer.Argument(help="an experiment file (TOML): rows and/or a grid table, x seeds")
     ],
     address: Annotated[
         str | None,
         typer.Option(
             envvar="RAY_ADDRESS",
             help="an existing Ray cluster: host:6379, ray://host:10001, or auto (one started "
-            "on this machine) [default: start a local Ray]",
+            "on this machine); default: start a local Ray",
         ),
     ] = None,
     workers: Annotated[
-        int | None, typer.Option(help="CPUs of the local Ray [all of this machine's]")
+        int | None, typer.Option(help="CPUs of the local Ray (default: all of this machine's)")
     ] = None,
     cpus_per_run: Annotated[
         int, typer.Option(help="CPUs reserved (and torch threads) per run")

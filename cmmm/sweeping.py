@@ -86,6 +86,21 @@ def worker_runtime_env(local: bool, ship_code: bool) -> dict[str, Any]:
     return {}
 
 
+def check_reachable(address: str) -> None:
+    """Fail in seconds when nothing listens at ``host:port`` (Ray itself waits for minutes)."""
+    host, separator, port = address.split("://")[-1].rpartition(":")
+    if not separator or not port.isdigit():  # "auto" and other forms Ray resolves itself
+        return
+    try:
+        with socket.create_connection((host, int(port)), timeout=10):
+            pass
+    except OSError as error:
+        raise ConfigError(
+            f"--address {address}: nothing answers there ({error}); start the cluster with "
+            "`ray start --head` and pass the address it prints"
+        ) from None
+
+
 @contextlib.contextmanager
 def ray_session(
     address: str | None = None, workers: int | None = None, ship_code: bool = False
@@ -114,11 +129,13 @@ def ray_session(
         "log_to_driver": False,
     }
     if address is None:
-        # "local": a new Ray on this machine even when RAY_ADDRESS names another one.
-        options.update(
-            address="local", num_cpus=workers or os.cpu_count() or 1, include_dashboard=False
-        )
+        # "local": a new Ray on this machine even when RAY_ADDRESS names another one. Without
+        # --workers, Ray counts the CPUs itself (respecting a container's CPU limit).
+        options.update(address="local", include_dashboard=False)
+        if workers is not None:
+            options["num_cpus"] = workers
     else:
+        check_reachable(address)
         options["address"] = address
     where = "a local Ray" if address is None else f"the Ray cluster at {address}"
     try:
@@ -127,7 +144,7 @@ def ray_session(
         hint = (
             "start one with `ray start --head` and pass the address it prints"
             if address is not None
-            else "check that /tmp is writable and no stale `ray start` owns it (`ray stop`)"
+            else "Ray's own logs are under /tmp/ray/session_latest/logs"
         )
         raise ConfigError(
             f"cannot start or reach {where} ({describe_error(error)}); {hint}"
@@ -144,6 +161,33 @@ def cluster_cpus() -> tuple[float, float, int]:
     nodes = [node for node in ray.nodes() if node.get("Alive")]
     per_node = [float(node.get("Resources", {}).get("CPU", 0.0)) for node in nodes]
     return sum(per_node), max(per_node, default=0.0), len(nodes)
+
+
+def check_workers_can_run() -> None:
+    """Fail once, clearly, when the cluster's workers cannot import this sweep's code.
+
+    Otherwise every run would fail (and be retried) with the same import error. One worker on
+    one node is asked; nodes set up differently are still reported run by run.
+    """
+    ray = import_ray()
+
+    # Defined here so that it is pickled by value: the workers need not import cmmm to run it.
+    def import_error() -> str | None:
+        import importlib
+
+        try:
+            importlib.import_module(__name__)
+        except ImportError as error:
+            return f"{type(error).__name__}: {error}"
+        return None
+
+    probe = ray.remote(num_cpus=0, max_retries=0)(import_error)
+    error = ray.get(probe.remote())
+    if error is not None:
+        raise ConfigError(
+            f"the Ray workers cannot import {__name__} ({error}); install this cmmm (with its "
+            "sweep extra) on every node, or pass --ship-code to send this checkout's code"
+        )
 
 
 def describe_error(error: BaseException) -> str:
@@ -283,6 +327,7 @@ def run_sweep(
         f"{skipped}, {len(to_run)} to run on {nodes} node(s) with {total_cpus:g} CPUs, "
         f"{cpus_per_run} CPU(s) per run"
     )
+    check_workers_can_run()
     task = ray.remote(execute_run).options(num_cpus=cpus_per_run, max_retries=0)
     function = run_function or running.run
     # ref -> (run, attempt); retried here rather than by Ray so that every retry is reported.

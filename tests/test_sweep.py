@@ -15,6 +15,7 @@ import os
 import signal
 import statistics
 import sys
+import tomllib
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -248,6 +249,14 @@ def test_workers_import_this_checkout_and_can_be_sent_it() -> None:
     with pytest.raises(ConfigError, match="--workers"):
         with ray_session(address="auto", workers=2):
             pass
+
+
+def test_ray_is_an_extra_that_the_test_extra_installs() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    assert [dep for dep in extras["sweep"] if dep.startswith("ray")]
+    assert "cmmm[sweep]" in extras["test"]
+    assert not [dep for dep in project["dependencies"] if dep.startswith("ray")]
 
 
 # --- sweeps on a local Ray with two workers --------------------------------------------------
