@@ -254,10 +254,6 @@ def _statistics(outcomes: list[RunOutcome]) -> RowStatistics:
     )
 
 
-def _shared_or_varies(values: set[Any]) -> str:
-    return str(next(iter(values))) if len(values) == 1 else "varies"
-
-
 def markdown_table(
     experiment: Experiment,
     outcomes: dict[str, list[RunOutcome]],
@@ -268,14 +264,16 @@ def markdown_table(
     if has_paper:
         header.append("paper AA / FM")
     resolved = [row.config.resolved() for row in experiment.rows]
-    streams = _shared_or_varies({config.stream for config in resolved})
-    epochs = _shared_or_varies({config.epochs for config in resolved})
+    streams = {config.stream for config in resolved}
+    epochs = {config.epochs for config in resolved}
+    # A grid may vary the stream or the epochs; then each row's label says which.
+    stream = f"Stream `{streams.pop()}`" if len(streams) == 1 else "Streams as labelled"
+    per_task = f"{epochs.pop()} epochs per task" if len(epochs) == 1 else "epochs as labelled"
     lines = [
         f"### {experiment.title}",
         "",
-        f"Stream `{streams}`, {epochs} epochs per task; mean ± sample standard "
-        f"deviation over seeds {experiment.seeds}. Produced by `{command} "
-        f"{experiment.source}`.",
+        f"{stream}, {per_task}; mean ± sample standard deviation over seeds "
+        f"{experiment.seeds}. Produced by `{command} {experiment.source}`.",
         "",
         "| " + " | ".join(header) + " |",
         "|---" + "|---:" * (len(header) - 1) + "|",

@@ -10,6 +10,7 @@ Ray's start-up included (what a user waits for) and once without.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -32,6 +33,9 @@ class SweepTiming:
     runs: int
     startup_seconds: float  # starting Ray (0 in this process)
     run_seconds: float  # from the first run's submission to the last result
+    # The machine's 1-minute load average when the mode ended: other work on the machine slows
+    # one mode and not another, and this says when that happened.
+    load_average: float
 
     @property
     def total_seconds(self) -> float:
@@ -67,7 +71,8 @@ class SweepBenchmarkReport:
             else "no 1-worker timing, so no overhead per run"
         )
         table = Table(title=f"sweep throughput: {self.description}", caption=caption)
-        for column in ("mode", "Ray start-up (s)", "runs (s)", "total (s)", "runs/min", "speed-up"):
+        columns = ("mode", "Ray start-up (s)", "runs (s)", "total (s)", "runs/min", "speed-up")
+        for column in (*columns, "load average"):
             table.add_column(column, justify="left" if column == "mode" else "right")
         for timing in (self.sequential, *self.on_ray):
             table.add_row(
@@ -77,6 +82,7 @@ class SweepBenchmarkReport:
                 f"{timing.total_seconds:.1f}",
                 f"{timing.runs_per_minute:.2f}",
                 f"{self.sequential.total_seconds / timing.total_seconds:.2f}x",
+                f"{timing.load_average:.1f}",
             )
         return table
 
@@ -108,7 +114,8 @@ def measure_sweep_throughput(
         tick = time.perf_counter()
         for config in configs:
             running.run(replace(config, out=str(out / "sequential")), log=lambda _: None)
-        sequential = SweepTiming("one process", None, runs, 0.0, time.perf_counter() - tick)
+        elapsed = time.perf_counter() - tick
+        sequential = SweepTiming("one process", None, runs, 0.0, elapsed, os.getloadavg()[0])
     finally:
         torch.set_num_threads(threads)
 
@@ -128,7 +135,7 @@ def measure_sweep_throughput(
             failed = "; ".join(f"seed {o.seed}: {o.error}" for _, o in report.failures)
             raise ConfigError(f"the benchmark's runs on Ray did not all finish: {failed}")
         name = f"Ray, {workers} worker" + ("s" if workers > 1 else "")
-        on_ray.append(SweepTiming(name, workers, runs, startup, elapsed))
+        on_ray.append(SweepTiming(name, workers, runs, startup, elapsed, os.getloadavg()[0]))
     first = configs[0]
     description = (
         f"{runs} runs of {first.strategy} on {first.stream}, {first.epochs} epoch(s) per task, "

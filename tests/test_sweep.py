@@ -29,7 +29,7 @@ from typer.testing import CliRunner
 import cmmm.running
 from cmmm.cli import app
 from cmmm.errors import ConfigError
-from cmmm.experiments import load_experiment
+from cmmm.experiments import csv_table, load_experiment, markdown_table
 from cmmm.sweeping import (
     ERROR_FILE,
     WORKER_LOG,
@@ -192,6 +192,16 @@ strategy = "ewc"
     assert experiment.rows[8].grid_point == {"epochs": 2, "strategy_options.ewc_lambda": 10.0}
     plan = plan_sweep(experiment)  # every strategy option is valid
     assert len(plan.runs) == len(plan.to_run) == 18
+
+    nothing_ran = {row.label: [] for row in experiment.rows}
+    assert "Stream `synthetic`, epochs as labelled;" in markdown_table(experiment, nothing_ran)
+    header = csv_table(experiment, nothing_ran).splitlines()[0].split(",")
+    assert header[:4] == [
+        "configuration",
+        "epochs",
+        "strategy_options.lam",
+        "strategy_options.ewc_lambda",
+    ]
 
 
 def test_grid_alone_and_grid_seeds(tmp_path: Path) -> None:
