@@ -6,7 +6,6 @@ traceback: the message says what was wrong and what to do.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import sys
@@ -298,6 +297,7 @@ def benchmark_sweep(
     cache_dir: CacheDirOption = None,
 ) -> None:
     """Sweep throughput: the same runs in one process, then on a local Ray with 1 and 2 workers."""
+    import contextlib
     import tempfile
 
     from cmmm.running import RunConfig
@@ -493,6 +493,8 @@ def sweep(
     ] = False,
 ) -> None:
     """Run an experiment file's grid as Ray tasks; skip finished runs; write the table."""
+    import contextlib
+
     from cmmm.experiments import load_experiment
     from cmmm.sweeping import plan_sweep, ray_session, run_sweep
 
