@@ -553,6 +553,45 @@ def benchmark_overhead(
     Console(soft_wrap=True, markup=False).print(report.table())
 
 
+@benchmark_app.command("sweep")
+@reports_errors
+def benchmark_sweep(
+    runs: Annotated[int, typer.Option(help="runs per mode (seeds 0..N-1)")] = 8,
+    stream: Annotated[str, typer.Option(help="stream every run trains on")] = "synthetic",
+    strategy: Annotated[str, typer.Option(help="strategy of every run")] = "naive",
+    epochs: Annotated[int, typer.Option(help="epochs per task")] = 1,
+    pretrain_epochs: Annotated[
+        int | None, typer.Option(help="epochs of pre-training (done before timing)")
+    ] = None,
+    workers: Annotated[str, typer.Option(help="comma-separated Ray worker counts")] = "1,2",
+    out: Annotated[
+        Path | None,
+        typer.Option(help="keep the runs here (default: a temporary directory, deleted)"),
+    ] = None,
+    data_dir: DataDirOption = None,
+    cache_dir: CacheDirOption = None,
+) -> None:
+    """Sweep throughput: the same runs in one process, then on a local Ray with 1 and 2 workers."""
+    import contextlib
+    import tempfile
+
+    from cmmm.running import RunConfig
+    from cmmm.sweep_benchmark import measure_sweep_throughput
+
+    try:
+        worker_counts = [int(w) for w in workers.split(",") if w.strip()]
+    except ValueError:
+        raise ConfigError(f"--workers {workers!r}: write comma-separated integers") from None
+    config = RunConfig(
+        stream=stream, strategy=strategy, epochs=epochs, pretrain_epochs=pretrain_epochs
+    )
+    config = with_directories(config, data_dir, cache_dir)
+    log = functools.partial(console.print, highlight=False)
+    with contextlib.nullcontext(str(out)) if out else tempfile.TemporaryDirectory() as directory:
+        report = measure_sweep_throughput(config, runs, Path(directory), worker_counts, log=log)
+    Console(soft_wrap=True).print(report.table())
+
+
 @app.command()
 @reports_errors
 def compare(
@@ -712,6 +751,96 @@ def experiment(
     )
     print(table)
     console.print(f"table written to {path}", highlight=False)
+
+
+def parse_seeds(seeds: str) -> list[int]:
+    try:
+        parsed = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds {seeds!r}: write comma-separated integers") from None
+    if not parsed:
+        raise ConfigError(f"--seeds {seeds!r}: name at least one seed")
+    return parsed
+
+
+@app.command()
+@reports_errors
+def sweep(
+    file: Annotated[
+        Path, typer.Argument(help="an experiment file (TOML): rows and/or a grid table, x seeds")
+    ],
+    address: Annotated[
+        str | None,
+        typer.Option(
+            envvar="RAY_ADDRESS",
+            help="an existing Ray cluster: host:6379, ray://host:10001, or auto (one started "
+            "on this machine); default: start a local Ray",
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="CPUs of the local Ray (default: all of this machine's)")
+    ] = None,
+    cpus_per_run: Annotated[
+        int, typer.Option(help="CPUs reserved (and torch threads) per run")
+    ] = 1,
+    retries: Annotated[
+        int, typer.Option(help="new attempts after a run fails (worker died or error)")
+    ] = 1,
+    seeds: Annotated[
+        str | None, typer.Option(help="comma-separated seeds, replacing the file's")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="epochs per task for every run")] = None,
+    out: Annotated[
+        Path, typer.Option(help="runs go to OUT/<run>/, the table to OUT/<file stem>.md and .csv")
+    ] = Path("runs"),
+    data_dir: DataDirOption = None,
+    cache_dir: CacheDirOption = None,
+    ship_code: Annotated[
+        bool,
+        typer.Option(
+            help="upload this cmmm's code to the workers (Ray py_modules) instead of using "
+            "the cmmm installed on the cluster's nodes"
+        ),
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option(help="list the runs and which are finished; start nothing")
+    ] = False,
+) -> None:
+    """Run an experiment file's grid as Ray tasks; skip finished runs; write the table."""
+    import contextlib
+
+    from cmmm.experiments import load_experiment
+    from cmmm.sweeping import plan_sweep, ray_session, run_sweep
+
+    overrides: dict[str, Any] = {"out": str(out)}
+    if epochs is not None:
+        overrides["epochs"] = epochs
+    if data_dir is not None:
+        overrides["data_dir"] = str(data_dir)
+    if cache_dir is not None:
+        overrides["cache_dir"] = str(cache_dir)
+    experiment = load_experiment(file, overrides)
+    if seeds is not None:
+        experiment.seeds = parse_seeds(seeds)
+    log = functools.partial(console.print, highlight=False, soft_wrap=True)
+    if dry_run:
+        plan = plan_sweep(experiment)
+        print(f"{file}: {len(plan.runs)} runs, {len(plan.to_run)} to run")
+        for run in plan.runs:
+            status = "finished" if run.config.run_dir() in plan.finished else "to run"
+            print(f"{status:8}  {run.label} seed {run.seed}  {run.config.run_dir()}")
+        return
+    # A finished sweep needs no Ray: only its table is written again.
+    session = ray_session(address, workers, ship_code) if plan_sweep(experiment).to_run else None
+    with session or contextlib.nullcontext():
+        report = run_sweep(experiment, out, cpus_per_run, retries, log=log)
+    print(report.table, end="")
+    log(f"written: {report.markdown_path} and {report.csv_path}")
+    if report.failures:
+        log(f"{len(report.failures)} run(s) failed (error files in their run directories):")
+        for label, outcome in report.failures:
+            log(f"  {label} seed {outcome.seed}: {outcome.error}")
+        raise typer.Exit(code=1)
 
 
 def main() -> None:  # pragma: no cover - console script entry

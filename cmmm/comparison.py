@@ -187,7 +187,8 @@ def _buffer_of(result: dict[str, Any]) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def _load(path: Path) -> dict[str, Any] | None:
+def read_results(path: Path) -> dict[str, Any] | None:
+    """A parsed ``results.json``, or None when it is absent or unreadable (then it is run again)."""
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
@@ -222,7 +223,7 @@ def run_or_reuse(config: RunConfig, label: str, log: Callable[[str], None]) -> R
     go on; an unreadable results file is run again.
     """
     path = config.run_dir() / "results.json"
-    result = _load(path) if path.exists() else None
+    result = read_results(path)
     if result is not None:
         log(f"{label}: reusing {path}")
         return RunOutcome(config.strategy, config.seed, "reused", path, result)

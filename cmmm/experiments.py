@@ -1,4 +1,4 @@
-"""Experiment files: several labelled configurations x several seeds -> one Markdown table.
+"""Experiment files: labelled configurations (and grids of them) x seeds -> one table.
 
 An experiment is a TOML file under ``experiments/``::
 
@@ -17,16 +17,36 @@ An experiment is a TOML file under ``experiments/``::
 
 A row's fields override the base's; its ``strategy_options``, ``stream_options`` and
 ``backbone_options`` are merged into the base's (row wins), except that a row naming another
-strategy than the base does not inherit the base's strategy options. ``cmmm experiment FILE``
-runs (or reuses) every row for every seed and writes ``OUT/<file stem>.md``.
+strategy than the base does not inherit the base's strategy options.
+
+A ``[grid]`` table crosses every row with every combination of the values it lists (a file
+without rows is one row made of the base)::
+
+    [grid]
+    strategy = ["naive", "ewc"]
+    epochs = [1, 2]
+    strategy_options.lam = [0.1, 1.0]     # or a [grid.strategy_options] table
+
+Each combination becomes a row labelled ``<row label> strategy=ewc epochs=1 lam=0.1``; a grid
+value overrides the row's and the base's. A row may carry its own grid (``[rows.grid]`` after its
+``[[rows]]``), which adds to (and for the same setting replaces) the file's. ``seed`` may be
+listed in the file's grid instead of ``seeds``.
+
+``cmmm experiment FILE`` runs (or reuses) every row for every seed one after another in this
+process, ``cmmm sweep FILE`` as Ray tasks (``cmmm.sweeping``); both write ``OUT/<file stem>.md``
+and ``.csv``.
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import itertools
+import json
 import statistics
 import tomllib
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +59,11 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 MERGED_OPTIONS = ("strategy_options", "stream_options", "backbone_options")
-ROW_ONLY = ("label", "paper")
+ROW_ONLY = ("label", "paper", "grid")
+
+# A grid dimension: the setting it varies, ("epochs",) or ("strategy_options", "lam"), and the
+# values it takes.
+GridDimension = tuple[tuple[str, ...], list[Any]]
 
 
 @dataclass
@@ -47,6 +71,17 @@ class ExperimentRow:
     label: str
     config: RunConfig
     paper: str | None = None
+    # The grid values that made this row (setting name -> value); empty without a grid.
+    grid_point: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One (row, seed) of an experiment: the resolved configuration that is run or reused."""
+
+    label: str
+    seed: int
+    config: RunConfig
 
 
 @dataclass
@@ -55,6 +90,67 @@ class Experiment:
     seeds: list[int]
     rows: list[ExperimentRow]
     source: Path
+
+    def planned_runs(self) -> list[PlannedRun]:
+        """Every (row, seed), in table order, resolved (stream defaults filled in)."""
+        return [
+            PlannedRun(row.label, seed, replace(row.config, seed=seed).resolved())
+            for row in self.rows
+            for seed in self.seeds
+        ]
+
+
+def _grid_dimensions(grid: Any, where: str) -> list[GridDimension]:
+    """The dimensions of a ``[grid]`` table, in the file's order."""
+    if not isinstance(grid, dict):
+        raise ConfigError(f"{where}: grid must be a table of lists, got {grid!r}")
+    known = {f.name for f in fields(RunConfig)}
+    flat: list[tuple[tuple[str, ...], Any]] = []
+    for key, values in grid.items():
+        head, dot, rest = key.partition(".")  # a quoted "strategy_options.lam"
+        if dot:
+            flat.append(((head, rest), values))
+        elif key in MERGED_OPTIONS and isinstance(values, dict):
+            flat += [((key, option), option_values) for option, option_values in values.items()]
+        else:
+            flat.append(((key,), values))
+    dimensions: list[GridDimension] = []
+    for path, values in flat:
+        name = ".".join(path)
+        if path[0] not in known:
+            raise ConfigError(f"{where}: grid setting {name!r} is unknown; valid: {sorted(known)}")
+        if path[0] in MERGED_OPTIONS and len(path) == 1:
+            raise ConfigError(
+                f"{where}: grid {name!r}: list one option at a time, e.g. {name}.lam = [0.1, 1.0]"
+            )
+        if path[0] not in MERGED_OPTIONS and len(path) > 1:
+            raise ConfigError(f"{where}: grid {name!r}: {path[0]} has no sub-settings")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(
+                f"{where}: grid {name!r} must be a non-empty list of values, got {values!r}"
+            )
+        dimensions.append((path, values))
+    return dimensions
+
+
+def _point_label(point: Sequence[tuple[tuple[str, ...], Any]]) -> str:
+    return " ".join(
+        f"{path[-1]}={value if isinstance(value, str) else json.dumps(value)}"
+        for path, value in point
+    )
+
+
+def _with_grid_point(
+    row_spec: dict[str, Any], point: Sequence[tuple[tuple[str, ...], Any]]
+) -> dict[str, Any]:
+    """The row's settings with the grid point's values on top (options merged per key)."""
+    settings = {k: v for k, v in row_spec.items() if k not in ROW_ONLY}
+    for path, value in point:
+        if len(path) == 1:
+            settings[path[0]] = value
+        else:
+            settings[path[0]] = {**settings.get(path[0], {}), path[1]: value}
+    return settings
 
 
 def load_experiment(path: Path, overrides: dict[str, Any] | None = None) -> Experiment:
@@ -65,12 +161,21 @@ def load_experiment(path: Path, overrides: dict[str, Any] | None = None) -> Expe
         raise ConfigError(f"{path}: cannot read the experiment file ({error})") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML ({error})") from None
-    rows_spec = spec.get("rows")
-    if not isinstance(rows_spec, list) or not rows_spec:
-        raise ConfigError(f"{path}: needs at least one [[rows]] table")
+    file_grid = _grid_dimensions(spec.get("grid", {}), f"{path} [grid]")
     seeds = spec.get("seeds", [0])
+    grid_seeds = [values for name, values in file_grid if name == ("seed",)]
+    if grid_seeds:
+        if "seeds" in spec:
+            raise ConfigError(f"{path}: give the seeds once, as seeds = [...] or in [grid]")
+        seeds = grid_seeds[0]
+        file_grid = [(name, values) for name, values in file_grid if name != ("seed",)]
     if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds) or not seeds:
         raise ConfigError(f"{path}: seeds must be a non-empty list of integers, got {seeds!r}")
+    rows_spec = spec.get("rows")
+    if rows_spec is None and "grid" in spec:
+        rows_spec = [{"label": ""}]  # a grid over the base alone, labelled by its grid values
+    if not isinstance(rows_spec, list) or not rows_spec:
+        raise ConfigError(f"{path}: needs at least one [[rows]] table or a [grid]")
     base = dict(spec.get("base", {}))
     if "stream" in spec:
         base.setdefault("stream", spec["stream"])
@@ -79,54 +184,113 @@ def load_experiment(path: Path, overrides: dict[str, Any] | None = None) -> Expe
         where = f"{path} row {index}"
         if "label" not in row_spec:
             raise ConfigError(f"{where}: every row needs a label")
-        values = {**base, **{k: v for k, v in row_spec.items() if k not in ROW_ONLY}}
-        for key in MERGED_OPTIONS:
-            inherited = base.get(key, {})
-            # Another strategy's options mean nothing to this row's strategy.
-            if key == "strategy_options" and values.get("strategy") != base.get("strategy"):
-                inherited = {}
-            values[key] = {**inherited, **row_spec.get(key, {})}
-        values.update(overrides or {})
-        config = RunConfig.from_mapping(values, where)
-        rows.append(ExperimentRow(str(row_spec["label"]), config, row_spec.get("paper")))
+        row_grid = _grid_dimensions(row_spec.get("grid", {}), f"{where} grid")
+        if any(name == ("seed",) for name, _ in row_grid):
+            raise ConfigError(f"{where}: seeds are the file's; list them in seeds = [...]")
+        # The row's own grid replaces the file's for a setting both list.
+        dimensions = {name: values for name, values in file_grid}
+        dimensions.update(row_grid)
+        choices = [[(name, value) for value in values] for name, values in dimensions.items()]
+        for point in itertools.product(*choices):
+            row_values = _with_grid_point(row_spec, point)
+            values = {**base, **row_values}
+            for key in MERGED_OPTIONS:
+                inherited = base.get(key, {})
+                # Another strategy's options mean nothing to this row's strategy.
+                if key == "strategy_options" and values.get("strategy") != base.get("strategy"):
+                    inherited = {}
+                values[key] = {**inherited, **row_values.get(key, {})}
+            values.update(overrides or {})
+            config = RunConfig.from_mapping(values, where)
+            parts = (str(row_spec["label"]), _point_label(point))
+            label = " ".join(part for part in parts if part) or config.strategy
+            grid_point = {".".join(name): value for name, value in point}
+            rows.append(ExperimentRow(label, config, row_spec.get("paper"), grid_point))
     labels = [row.label for row in rows]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"{path}: row labels must be unique, got {labels}")
     return Experiment(str(spec.get("title", Path(path).stem)), seeds, rows, Path(path))
 
 
-def markdown_table(experiment: Experiment, outcomes: dict[str, list[RunOutcome]]) -> str:
+@dataclass(frozen=True)
+class RowStatistics:
+    """One row's finished runs over seeds, as both tables show them."""
+
+    results: list[dict[str, Any]]
+    failed: list[RunOutcome]
+
+    @property
+    def aa(self) -> list[float]:
+        return [r["aa"] for r in self.results if r["aa"] is not None]
+
+    @property
+    def fm(self) -> list[float]:
+        return [r["fm"] for r in self.results if r["fm"] is not None]
+
+    @property
+    def trainable(self) -> int | None:
+        return self.results[0]["parameters"]["trainable"] if self.results else None
+
+    @property
+    def wall_seconds(self) -> float | None:
+        walls = [r["wall_time_seconds"] for r in self.results]
+        return statistics.mean(walls) if walls else None
+
+    @property
+    def seeds(self) -> str:
+        failed = f" ({len(self.failed)} failed)" if self.failed else ""
+        return f"{len(self.results)}{failed}"
+
+
+def _statistics(outcomes: list[RunOutcome]) -> RowStatistics:
+    return RowStatistics(
+        results=[o.result for o in outcomes if o.result is not None],
+        failed=[o for o in outcomes if o.status == "failed"],
+    )
+
+
+def markdown_table(
+    experiment: Experiment,
+    outcomes: dict[str, list[RunOutcome]],
+    command: str = "cmmm experiment",
+) -> str:
     has_paper = any(row.paper for row in experiment.rows)
     header = ["configuration", "AA (%)", "FM", "trainable", "time/run (s)", "seeds"]
     if has_paper:
         header.append("paper AA / FM")
-    first = experiment.rows[0].config.resolved()
+    resolved = [row.config.resolved() for row in experiment.rows]
+    streams = {config.stream for config in resolved}
+    epochs = {config.epochs for config in resolved}
+    # A grid may vary the stream or the epochs; then each row's label says which.
+    stream = f"Stream `{streams.pop()}`" if len(streams) == 1 else "Streams as labelled"
+    per_task = f"{epochs.pop()} epochs per task" if len(epochs) == 1 else "epochs as labelled"
     lines = [
         f"### {experiment.title}",
         "",
-        f"Stream `{first.stream}`, {first.epochs} epochs per task; mean ± sample standard "
-        f"deviation over seeds {experiment.seeds}. Produced by `cmmm experiment "
-        f"{experiment.source}`.",
+        f"{stream}, {per_task}; mean ± sample standard deviation over seeds "
+        f"{experiment.seeds}. Produced by `{command} {experiment.source}`.",
         "",
         "| " + " | ".join(header) + " |",
         "|---" + "|---:" * (len(header) - 1) + "|",
     ]
+    failures: list[str] = []
     for row in experiment.rows:
-        results = [o.result for o in outcomes[row.label] if o.result is not None]
-        failed = [o.seed for o in outcomes[row.label] if o.status == "failed"]
-        aa = [r["aa"] for r in results if r["aa"] is not None]
-        fm = [r["fm"] for r in results if r["fm"] is not None]
+        stats = _statistics(outcomes[row.label])
+        wall = stats.wall_seconds
         cells = [
             row.label,
-            mean_spread(aa),
-            mean_spread(fm),
-            f"{results[0]['parameters']['trainable']:,}" if results else "-",
-            f"{statistics.mean(r['wall_time_seconds'] for r in results):.0f}" if results else "-",
-            f"{len(results)}" + (f" ({len(failed)} failed)" if failed else ""),
+            mean_spread(stats.aa),
+            mean_spread(stats.fm),
+            "-" if stats.trainable is None else f"{stats.trainable:,}",
+            "-" if wall is None else f"{wall:.0f}",
+            stats.seeds,
         ]
         if has_paper:
             cells.append(row.paper or "")
         lines.append("| " + " | ".join(cells) + " |")
+        failures += [f"- {row.label} seed {o.seed}: {o.error}" for o in stats.failed]
+    if failures:
+        lines += ["", "Failed runs:", "", *failures]
     return "\n".join(lines) + "\n"
 
 
@@ -147,33 +311,76 @@ def experiment_figure(experiment: Experiment, outcomes: dict[str, list[RunOutcom
     )
 
 
+CSV_METRICS = ["aa_mean", "aa_std", "fm_mean", "fm_std", "trainable", "wall_seconds_mean"]
+
+
+def csv_table(experiment: Experiment, outcomes: dict[str, list[RunOutcome]]) -> str:
+    """One line per row: its label, its grid values (one column each) and its metrics."""
+    grid_columns: list[str] = []
+    for row in experiment.rows:
+        grid_columns += [name for name in row.grid_point if name not in grid_columns]
+    fieldnames = ["configuration", *grid_columns, *CSV_METRICS, "seeds", "failed_seeds"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fieldnames, lineterminator="\n", restval="")
+    writer.writeheader()
+    for row in experiment.rows:
+        stats = _statistics(outcomes[row.label])
+        record: dict[str, Any] = {"configuration": row.label}
+        record.update({name: _csv_value(value) for name, value in row.grid_point.items()})
+        record.update(
+            aa_mean=statistics.mean(stats.aa) if stats.aa else None,
+            aa_std=statistics.stdev(stats.aa) if len(stats.aa) > 1 else None,
+            fm_mean=statistics.mean(stats.fm) if stats.fm else None,
+            fm_std=statistics.stdev(stats.fm) if len(stats.fm) > 1 else None,
+            trainable=stats.trainable,
+            wall_seconds_mean=stats.wall_seconds,
+            seeds=" ".join(str(r["config"]["seed"]) for r in stats.results),
+            failed_seeds=" ".join(str(o.seed) for o in stats.failed),
+        )
+        writer.writerow({k: "" if v is None else v for k, v in record.items()})
+    return buffer.getvalue()
+
+
+def _csv_value(value: Any) -> Any:
+    return value if isinstance(value, str | int | float) else json.dumps(value)
+
+
+def write_tables(
+    experiment: Experiment,
+    outcomes: dict[str, list[RunOutcome]],
+    out: Path,
+    command: str = "cmmm experiment",
+) -> tuple[str, Path, Path]:
+    """Write ``OUT/<file stem>.md`` and ``.csv``; return the Markdown and both paths."""
+    table = markdown_table(experiment, outcomes, command)
+    markdown_path = Path(out) / f"{experiment.source.stem}.md"
+    csv_path = Path(out) / f"{experiment.source.stem}.csv"
+    atomic_write_text(markdown_path, table)
+    atomic_write_text(csv_path, csv_table(experiment, outcomes))
+    return table, markdown_path, csv_path
+
+
 def run_experiment(
     experiment: Experiment,
     out: Path,
     log: Callable[[str], None] = print,
     figure: Path | None = None,
 ) -> tuple[str, Path]:
-    """Run or reuse every (row, seed); write and return the Markdown table (and the figure)."""
+    """Run or reuse every (row, seed); write the tables (and the figure); return the Markdown
+    and its path."""
     if figure is not None:
         from cmmm.plotting import check_output
 
         check_output(figure)  # a wrong suffix fails before hours of runs, not after
-    outcomes: dict[str, list[RunOutcome]] = {}
-    total = len(experiment.rows) * len(experiment.seeds)
-    done = 0
-    for row in experiment.rows:
-        outcomes[row.label] = []
-        for seed in experiment.seeds:
-            done += 1
-            config = RunConfig(**{**row.config.__dict__, "seed": seed}).resolved()
-            label = f"[{done}/{total}] {row.label} seed {seed}"
-            outcomes[row.label].append(run_or_reuse(config, label, log))
-    table = markdown_table(experiment, outcomes)
-    path = Path(out) / f"{experiment.source.stem}.md"
-    atomic_write_text(path, table)
+    outcomes: dict[str, list[RunOutcome]] = {row.label: [] for row in experiment.rows}
+    planned = experiment.planned_runs()
+    for index, run in enumerate(planned, start=1):
+        label = f"[{index}/{len(planned)}] {run.label} seed {run.seed}"
+        outcomes[run.label].append(run_or_reuse(run.config, label, log))
+    table, markdown_path, _ = write_tables(experiment, outcomes, out)
     if figure is not None:
         from cmmm.plotting import save_figure
 
         save_figure(experiment_figure(experiment, outcomes), figure)
         log(f"figure written to {figure}")
-    return table, path
+    return table, markdown_path
