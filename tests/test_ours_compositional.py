@@ -132,7 +132,7 @@ def test_mult_and_patterns_for_any_number_of_modalities() -> None:
         assert len(patterns) == 2**m - 1 and len(set(patterns)) == len(patterns)
         assert patterns[0] == (True,) * m
         dataset = make_synthetic(SyntheticSpec(**synthetic_options(max(m, 2))))
-        stream = build_stream(dataset, all_patterns(dataset.num_modalities))
+        stream = build_stream(dataset, all_patterns(len(dataset.modalities)))
         model = MulT(stream.layout, MulTConfig(layers=1, self_layers=1))
         x, _ = stream.tasks[0].test.tensors()
         assert model(x[:5]).shape == (5,)
