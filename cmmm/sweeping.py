@@ -214,6 +214,13 @@ def execute_run(run_function: RunFunction, config: RunConfig, threads: int) -> d
             log_file.flush()
 
         log(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} on {socket.gethostname()} pid {os.getpid()}")
+        from cmmm.checkpoints import CHECKPOINT_FILE
+
+        # An attempt that died (a killed worker, a preempted node) left its last checkpoint:
+        # the retry continues from it instead of being refused as an unfinished run.
+        if (run_dir / CHECKPOINT_FILE).exists():
+            log("resuming from the last checkpoint")
+            return run_function(config, log=log, resume=True)
         return run_function(config, log=log)
 
 

@@ -310,6 +310,10 @@ def make_aoept_plugin(model: AOEPTModel, kmeans_seed: int, aux_weight: float) ->
     from avalanche.core import SupervisedPlugin
 
     class AOEPTPlugin(SupervisedPlugin):
+        # The banks live in the prompt module's buffers (bank_rows says which exist), so a
+        # checkpoint of the model carries them; ``built`` is only a record for inspection.
+        stateless_between_experiences = True
+
         def __init__(self) -> None:
             super().__init__()
             self.last_aux: float | None = None

@@ -366,6 +366,9 @@ def make_aux_loss_plugin(model: ProMMAModel) -> Any:
     from avalanche.core import SupervisedPlugin
 
     class ProMMAAuxLoss(SupervisedPlugin):
+        # Adds this minibatch's auxiliary losses; nothing carries over between experiences.
+        stateless_between_experiences = True
+
         def __init__(self) -> None:
             super().__init__()
             self.last_aux: float | None = None

@@ -89,7 +89,7 @@ def counted_run(config: cmmm.running.RunConfig, *, log: Any, **kwargs: Any) -> d
     return cmmm.running.run(config, log=log, **kwargs)
 
 
-def killed_mid_run_once(config: cmmm.running.RunConfig, *, log: Any) -> dict:
+def killed_mid_run_once(config: cmmm.running.RunConfig, *, log: Any, **kwargs: Any) -> dict:
     """ewc's first attempt kills its own worker process after the first task has trained."""
     marker = Path(config.out) / "killed"
 
@@ -98,10 +98,10 @@ def killed_mid_run_once(config: cmmm.running.RunConfig, *, log: Any) -> dict:
             marker.write_text(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)
 
-    return counted_run(config, log=log, on_epoch=on_epoch)
+    return counted_run(config, log=log, on_epoch=on_epoch, **kwargs)
 
 
-def ewc_always_fails(config: cmmm.running.RunConfig, *, log: Any) -> dict:
+def ewc_always_fails(config: cmmm.running.RunConfig, *, log: Any, **kwargs: Any) -> dict:
     if config.strategy == "ewc":
         record_call(config)
         raise RuntimeError("cannot train ewc\nthe last line says why")
