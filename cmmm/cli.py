@@ -731,7 +731,26 @@ def experiment(
     ] = None,
 ) -> None:
     """Run (or reuse) every row of an experiment file for every seed; write a Markdown table."""
-    from cmmm.experiments import load_experiment, run_experiment
+    from cmmm.experiments import run_experiment
+
+    spec = experiment_from_flags(file, out, epochs, seeds, data_dir, cache_dir)
+    table, path = run_experiment(
+        spec, out, log=lambda m: console.print(m, highlight=False), figure=plot
+    )
+    print(table)
+    console.print(f"table written to {path}", highlight=False)
+
+
+def experiment_from_flags(
+    file: Path,
+    out: Path,
+    epochs: int | None,
+    seeds: str | None,
+    data_dir: Path | None,
+    cache_dir: Path | None,
+) -> Any:
+    """An experiment file with the flags `experiment` and `sweep` share applied to every run."""
+    from cmmm.experiments import load_experiment
 
     overrides: dict[str, Any] = {"out": str(out)}
     if epochs is not None:
@@ -740,17 +759,10 @@ def experiment(
         overrides["data_dir"] = str(data_dir)
     if cache_dir is not None:
         overrides["cache_dir"] = str(cache_dir)
-    spec = load_experiment(file, overrides)
+    experiment = load_experiment(file, overrides)
     if seeds is not None:
-        try:
-            spec.seeds = [int(s) for s in seeds.split(",") if s.strip()]
-        except ValueError:
-            raise ConfigError(f"--seeds {seeds!r}: write comma-separated integers") from None
-    table, path = run_experiment(
-        spec, out, log=lambda m: console.print(m, highlight=False), figure=plot
-    )
-    print(table)
-    console.print(f"table written to {path}", highlight=False)
+        experiment.seeds = parse_seeds(seeds)
+    return experiment
 
 
 def parse_seeds(seeds: str) -> list[int]:
@@ -809,19 +821,9 @@ def sweep(
     """Run an experiment file's grid as Ray tasks; skip finished runs; write the table."""
     import contextlib
 
-    from cmmm.experiments import load_experiment
     from cmmm.sweeping import plan_sweep, ray_session, run_sweep
 
-    overrides: dict[str, Any] = {"out": str(out)}
-    if epochs is not None:
-        overrides["epochs"] = epochs
-    if data_dir is not None:
-        overrides["data_dir"] = str(data_dir)
-    if cache_dir is not None:
-        overrides["cache_dir"] = str(cache_dir)
-    experiment = load_experiment(file, overrides)
-    if seeds is not None:
-        experiment.seeds = parse_seeds(seeds)
+    experiment = experiment_from_flags(file, out, epochs, seeds, data_dir, cache_dir)
     log = functools.partial(console.print, highlight=False, soft_wrap=True)
     if dry_run:
         plan = plan_sweep(experiment)

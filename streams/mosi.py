@@ -33,15 +33,14 @@ import csv
 import dataclasses
 import hashlib
 import json
-import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from cmmm.atomic_files import atomic_write
 from cmmm.errors import ConfigError, DataError, DatasetNotFoundError, one_line
 from streams.base import MultimodalDataset, Split
 from streams.text_encoding import (
@@ -849,23 +848,7 @@ def _check_cache_layout(arrays: Mapping[str, np.ndarray]) -> None:
 
 def _write_cache(cache_file: Path, arrays: Mapping[str, np.ndarray], log: Log) -> None:
     """Write the cache atomically; failing to write it only costs a rebuild next time."""
-    tmp_name: str | None = None
     try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            dir=cache_file.parent, prefix=cache_file.name + ".", suffix=".tmp", delete=False
-        ) as fh:
-            tmp_name = fh.name
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, cache_file)
-        tmp_name = None
+        atomic_write(cache_file, lambda handle: np.savez(handle, **arrays))
     except OSError as err:
         log(f"CMU-MOSI: could not write the cache {cache_file} ({err}); continuing without it")
-    finally:
-        if tmp_name is not None:
-            try:
-                os.unlink(tmp_name)
-            except OSError:
-                pass

@@ -36,9 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -48,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from cmmm.atomic_files import atomic_write
 from cmmm.errors import ConfigError, DataError, DatasetNotFoundError
 
 Log = Callable[[str], None]
@@ -265,25 +264,12 @@ def read_encoding(path: Path) -> TextEncoding:
 
 def _save_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write through a temporary file and a rename: a crash never leaves half a file."""
-    tmp_name: str | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-        ) as fh:
-            tmp_name = fh.name
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-        tmp_name = None
+        atomic_write(path, lambda handle: np.savez(handle, **arrays))
     except OSError as err:
         raise DataError(
             f"could not write the text encoding {path} ({err}); choose a writable --cache-dir"
         ) from err
-    finally:
-        if tmp_name is not None and os.path.exists(tmp_name):
-            os.unlink(tmp_name)
 
 
 # --------------------------------------------------------------------------------------------

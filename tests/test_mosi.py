@@ -377,7 +377,9 @@ def test_unwritable_cache_only_costs_a_rebuild(tiny, monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(mosi.os, "replace", refuse)
+    import cmmm.atomic_files
+
+    monkeypatch.setattr(cmmm.atomic_files.os, "replace", refuse)
     lines: list[str] = []
     ds = _load_tiny(data_dir, log=lines.append)
     assert len(ds.test) == 6
