@@ -49,6 +49,29 @@ CacheDirOption = Annotated[
     ),
 ]
 
+# Missing-case settings shared by `run` and `compare`.
+EvalPatternsOption = Annotated[
+    str,
+    typer.Option(
+        help="also test on missing cases no task trains on: 'unseen' (every pattern not in "
+        "--task-order) or codes such as 'a,v,t'"
+    ),
+]
+MissingRateOption = Annotated[
+    float,
+    typer.Option(
+        help="share of each task's samples that follow its pattern, the rest complete "
+        "(1: all; the seeds' settings 0.7 and 0.9)"
+    ),
+]
+MissingModeOption = Annotated[
+    str,
+    typer.Option(
+        help="below rate 1: 'pattern' (a sample loses the pattern's whole missing set) or "
+        "'split' (the share is split among the missing modalities, one each: Lee et al.)"
+    ),
+]
+
 
 def reports_errors(command: F) -> F:
     @functools.wraps(command)
@@ -162,6 +185,9 @@ def run(
         str | None,
         typer.Option(help="mosi only: 'utterance' vectors, or a `cmmm data encode-text` name"),
     ] = None,
+    eval_patterns: EvalPatternsOption = "",
+    missing_rate: MissingRateOption = 1.0,
+    missing_mode: MissingModeOption = "pattern",
     option: Annotated[
         list[str] | None,
         typer.Option("--option", "-o", help="strategy option key=value (repeatable)"),
@@ -207,6 +233,9 @@ def run(
         "seed": seed,
         "task_order": task_order,
         "task_data": task_data,
+        "eval_patterns": eval_patterns,
+        "missing_rate": missing_rate,
+        "missing_mode": missing_mode,
         "standardize": standardize,
         "pretrain_epochs": pretrain_epochs,
         "out": str(out),
@@ -341,6 +370,17 @@ def train_and_report(config: Any, resume: bool) -> None:
         f"wall time {results['wall_time_seconds']:.1f} s",
         highlight=False,
     )
+    held_out = results.get("held_out")
+    if held_out:
+        cells = ", ".join(
+            f"{task['code']} {final['acc']:.1f}"
+            for task, final in zip(held_out["tasks"], held_out["per_task_final"], strict=True)
+        )
+        out_console.print(
+            f"held-out missing cases (never trained on): AA {format_metric(held_out['aa'])} "
+            f"({cells})",
+            highlight=False,
+        )
     out_console.print(f"results: {Path(results['run_dir']) / 'results.json'}", highlight=False)
 
 
@@ -614,6 +654,9 @@ def compare(
     lr: Annotated[float, typer.Option(help="Adam learning rate")] = 1e-3,
     task_order: Annotated[str, typer.Option(help="as for `cmmm run`")] = "default",
     task_data: Annotated[str, typer.Option(help="'full' or 'disjoint'")] = "full",
+    eval_patterns: EvalPatternsOption = "",
+    missing_rate: MissingRateOption = 1.0,
+    missing_mode: MissingModeOption = "pattern",
     text: Annotated[
         str | None,
         typer.Option(help="mosi only: 'utterance' vectors, or a `cmmm data encode-text` name"),
@@ -651,6 +694,9 @@ def compare(
         lr=lr,
         task_order=task_order,
         task_data=task_data,
+        eval_patterns=eval_patterns,
+        missing_rate=missing_rate,
+        missing_mode=missing_mode,
         out=str(out),
         device=device,
         stream_options=text_stream_options(stream, text),

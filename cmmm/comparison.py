@@ -57,17 +57,21 @@ class ComparisonRow:
     def _spread(values: list[float]) -> float | None:
         return statistics.stdev(values) if len(values) > 1 else None
 
-    def markdown_cells(self) -> list[str]:
+    def markdown_cells(self, held_out: bool = False) -> list[str]:
+        """The row's cells; ``held_out`` adds the AA on held-out patterns after FM."""
         buffer = "-" if self.buffer is None else str(self.buffer)
         failed = f" ({len(self.failed_seeds)} failed)" if self.failed_seeds else ""
         agg = self.aggregate
         if agg is None:
-            return [self.strategy, buffer, "failed", "failed", "-", "-", f"0{failed}"]
+            extra = ["failed"] if held_out else []
+            return [self.strategy, buffer, "failed", "failed", *extra, "-", "-", f"0{failed}"]
+        extra = [mean_spread(agg.held_out_aa)] if held_out else []
         return [
             self.strategy,
             buffer,
             mean_spread(agg.aa),
             mean_spread(agg.fm),
+            *extra,
             f"{agg.trainable:,}",
             f"{statistics.mean(agg.wall_seconds):.1f}",
             f"{len(agg.seeds)}{failed}",
@@ -86,6 +90,8 @@ class ComparisonRow:
                 aa_std=self._spread(agg.aa),
                 fm_mean=self._mean(agg.fm),
                 fm_std=self._spread(agg.fm),
+                held_out_aa_mean=self._mean(agg.held_out_aa),
+                held_out_aa_std=self._spread(agg.held_out_aa),
                 trainable=agg.trainable,
                 wall_seconds_mean=statistics.mean(agg.wall_seconds),
                 seeds=" ".join(map(str, agg.seeds)),
@@ -101,6 +107,8 @@ CSV_FIELDS = [
     "aa_std",
     "fm_mean",
     "fm_std",
+    "held_out_aa_mean",
+    "held_out_aa_std",
     "trainable",
     "wall_seconds_mean",
     "seeds",
@@ -127,12 +135,17 @@ class Comparison:
         settings = sorted({row.aggregate.settings for row in self.rows if row.aggregate})
         if settings:
             lines += ["", "Settings: " + "; ".join(settings)]
+        held_out = any(row.aggregate and row.aggregate.held_out_aa for row in self.rows)
+        header = list(MARKDOWN_HEADER)
+        if held_out:
+            header.insert(header.index("FM") + 1, "AA held-out (%)")
+            lines += ["", "AA held-out: accuracy on the missing cases no task trained on."]
         lines += [
             "",
-            "| " + " | ".join(MARKDOWN_HEADER) + " |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| " + " | ".join(header) + " |",
+            "|---|" + "---:|" * (len(header) - 1),
         ]
-        lines += ["| " + " | ".join(row.markdown_cells()) + " |" for row in self.rows]
+        lines += ["| " + " | ".join(row.markdown_cells(held_out)) + " |" for row in self.rows]
         failures = [o for o in self.outcomes if o.status == "failed"]
         if failures:
             lines += ["", "Failed runs:", ""]

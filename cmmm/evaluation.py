@@ -445,7 +445,11 @@ class Evaluator:
         every step has been recorded (and always for a single step). The result is strict JSON.
         """
         recorded = sorted(self.history)
-        complete = len(recorded) == self.matrix.num_steps
+        # Steps and tasks differ for held-out tasks (tested, never trained): no FM or BWT then.
+        complete = len(recorded) == self.matrix.num_steps and self.matrix.num_steps in (
+            1,
+            self.matrix.num_tasks,
+        )
         last = recorded[-1] if recorded else None
         average = None
         per_task_final: list[dict[str, Any]] = []

@@ -40,6 +40,7 @@ from cmmm.checkpoints import (
 from cmmm.errors import CheckpointError, ConfigError
 from cmmm.evaluation import EvalTask, Evaluator
 from cmmm.pretraining import backbone_config_for, pretrained_backbone, task_criterion
+from cmmm.results import ADDED_SETTINGS, RESULTS_FILE
 from cmmm.template_state import (
     StateContext,
     StreamSamples,
@@ -48,13 +49,12 @@ from cmmm.template_state import (
 )
 from strategies.base import StrategyContext
 from streams.catalog import STREAMS, StreamRequest
-from streams.missing_stream import MissingModalityStream, build_stream
-from streams.patterns import parse_task_order
+from streams.missing_stream import MissingModalityStream, build_stream, check_missing_rate
+from streams.patterns import parse_eval_patterns, parse_task_order
 from streams.standardization import standardize
 
 # method.md's training protocol: Adam, batch 64, 30 epochs per task.
 PAPER_DEFAULTS = {"epochs": 30, "pretrain_epochs": 30}
-RESULTS_FILE = "results.json"
 
 
 @dataclass
@@ -83,6 +83,12 @@ class RunConfig:
     stream_options: dict[str, Any] = field(default_factory=dict)
     # Overrides of MulTConfig (layers, d_model, dropouts, ...); the paper's MulT when empty.
     backbone_options: dict[str, Any] = field(default_factory=dict)
+    # Missing cases tested but never trained on: "unseen", or patterns as for task_order.
+    eval_patterns: str = ""
+    # Share of a task's samples that follow its pattern (1: all; the seeds' 0.7, 0.9), and how
+    # a multi-modality pattern is applied below 1 (streams.missing_stream).
+    missing_rate: float = 1.0
+    missing_mode: str = "pattern"
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], where: str) -> RunConfig:
@@ -113,6 +119,7 @@ class RunConfig:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ConfigError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
+        check_missing_rate(self.missing_rate, self.missing_mode)
         return self
 
     def key(self) -> str:
@@ -121,6 +128,7 @@ class RunConfig:
             k: v
             for k, v in asdict(self).items()
             if k not in ("out", "data_dir", "cache_dir", "device")
+            and not (k in ADDED_SETTINGS and v == ADDED_SETTINGS[k])
         }
         return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:10]
 
@@ -181,7 +189,15 @@ def load_stream(config: RunConfig, log: Callable[[str], None]) -> MissingModalit
     if config.standardize:
         dataset = standardize(dataset)
     order = parse_task_order(config.task_order, dataset.modalities)
-    return build_stream(dataset, order, task_data=config.task_data, seed=config.seed)  # type: ignore[arg-type]
+    return build_stream(
+        dataset,
+        order,
+        task_data=config.task_data,  # type: ignore[arg-type]
+        seed=config.seed,
+        held_out=parse_eval_patterns(config.eval_patterns, dataset.modalities, order),
+        missing_rate=config.missing_rate,
+        missing_mode=config.missing_mode,
+    )
 
 
 @dataclass
@@ -377,6 +393,18 @@ def run(
             device=device,
             num_steps=num_steps,
         )
+        held_out = (
+            Evaluator(
+                [EvalTask(task.name, task.test) for task in stream.held_out],
+                family=dataset.metric_family,
+                num_classes=dataset.num_classes,
+                batch_size=config.eval_batch_size,
+                device=device,
+                num_steps=num_steps,
+            )
+            if stream.held_out
+            else None
+        )
         benchmark = stream.avalanche_benchmark()
         samples = StreamSamples(benchmark.train_stream)
         first_step, train_seconds, earlier_wall = 0, 0.0, 0.0
@@ -384,6 +412,8 @@ def run(
         if checkpoint is not None:
             restore_template_state(template, checkpoint.template, samples)
             evaluator.load_state_dict(checkpoint.evaluator)
+            if held_out is not None:
+                held_out.load_state_dict(checkpoint.evaluator["held_out"])
             first_step = checkpoint.completed_steps
             train_seconds, earlier_wall = checkpoint.train_seconds, checkpoint.wall_seconds
             # How the run's backbone was made (this session may have found it in the cache).
@@ -405,6 +435,13 @@ def run(
             )
             if summary["fm"] is not None:
                 writer.add_scalar("fm", summary["fm"], step)
+            if held_out is not None:
+                per_held_out = held_out.evaluate_and_record(step, model)
+                for task, metrics in zip(stream.held_out, per_held_out, strict=True):
+                    writer.add_scalar(f"held_out_acc/{task.code}", metrics["acc"], step)
+                writer.add_scalar(
+                    "aa_held_out", float(np.mean([m["acc"] for m in per_held_out])), step
+                )
             if on_step is not None:
                 on_step(step, per_task)
 
@@ -418,7 +455,10 @@ def run(
                     completed_steps=completed_steps,
                     num_steps=num_steps,
                     template=capture_template_state(template, samples),
-                    evaluator=evaluator.state_dict(),
+                    evaluator={
+                        **evaluator.state_dict(),
+                        **({} if held_out is None else {"held_out": held_out.state_dict()}),
+                    },
                     pretraining=pretraining,
                     train_seconds=train_seconds,
                     wall_seconds=earlier_wall + time.perf_counter() - started,
@@ -446,6 +486,7 @@ def run(
             strategy,
             summary,
             model,
+            held_out=None if held_out is None else held_out.summary(),
             total_backbone=total_backbone,
             pretraining=pretraining,
             wall_seconds=earlier_wall + time.perf_counter() - started,
@@ -469,16 +510,33 @@ def results_record(
     summary: dict[str, Any],
     model: nn.Module,
     *,
+    held_out: dict[str, Any] | None = None,
     total_backbone: int,
     pretraining: dict[str, Any],
     wall_seconds: float,
     train_seconds: float,
 ) -> dict[str, Any]:
     """What ``results.json`` holds (see the README's Outputs). ``total_backbone``: the
-    backbone's parameters, counted before the strategy wrapped it."""
+    backbone's parameters, counted before the strategy wrapped it. ``held_out``: the summary of
+    the held-out patterns' evaluator, when the run has any."""
     stream = prepared.stream
     dataset = stream.dataset
     trainable = count_parameters(model, trainable_only=True)
+    extra: dict[str, Any] = {}
+    if held_out is not None:
+        extra["held_out"] = {
+            "tasks": [
+                {
+                    "name": t.name,
+                    "code": t.code,
+                    "pattern": list(t.pattern),
+                    "test_samples": len(t.test),
+                }
+                for t in stream.held_out
+            ],
+            # Rows: training steps (as in "matrix"); columns: the held-out patterns.
+            **{k: held_out[k] for k in ("matrix", "aa", "per_task_final")},
+        }
     return {
         "config": asdict(config),
         "run_dir": str(config.run_dir()),
@@ -488,6 +546,8 @@ def results_record(
             "modalities": list(dataset.modalities),
             "layout": stream.layout.describe(),
             "task_data": stream.task_data,
+            "missing_rate": stream.missing_rate,
+            "missing_mode": stream.missing_mode,
             "tasks": [
                 {
                     "index": t.index,
@@ -525,6 +585,7 @@ def results_record(
             "backbone": total_backbone,
             "trainable_share_of_backbone": trainable / total_backbone,
         },
+        **extra,
         "device": str(prepared.device),
         "wall_time_seconds": wall_seconds,
         "train_time_seconds": train_seconds,

@@ -5,8 +5,10 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from cmmm.results import ADDED_SETTINGS
 
 
 def mean_spread(values: Sequence[float]) -> str:
@@ -29,6 +31,8 @@ class Aggregate:
     bwt: list[float]
     wall_seconds: list[float]
     trainable: int
+    # AA on the held-out patterns (``--eval-patterns``) of the seeds that have them.
+    held_out_aa: list[float] = field(default_factory=list)
 
     def row(self) -> list[str]:
         return [
@@ -50,6 +54,9 @@ HEADER = ["stream", "strategy", "settings", "seeds", "AA", "FM", "BWT", "trainab
 def _settings(config: dict[str, Any]) -> str:
     """What distinguishes a configuration besides stream, strategy and seed."""
     shown = {k: config[k] for k in ("epochs", "task_order", "task_data") if k in config}
+    shown.update(
+        {k: config[k] for k, v in ADDED_SETTINGS.items() if k in config and config[k] != v}
+    )
     for key in ("strategy_options", "stream_options", "backbone_options"):
         if config.get(key):
             shown[key] = config[key]
@@ -75,6 +82,11 @@ def aggregate(results: list[dict[str, Any]]) -> list[Aggregate]:
                 bwt=[r["bwt"] for r in members if r["bwt"] is not None],
                 wall_seconds=[r["wall_time_seconds"] for r in members],
                 trainable=members[0]["parameters"]["trainable"],
+                held_out_aa=[
+                    r["held_out"]["aa"]
+                    for r in members
+                    if r.get("held_out") and r["held_out"]["aa"] is not None
+                ],
             )
         )
     return rows

@@ -45,7 +45,7 @@ from strategies.prompted_model import (
     make_prompt_template,
     set_requires_grad,
 )
-from streams.patterns import Pattern, all_patterns, pattern_code, short_name
+from streams.patterns import Pattern, all_patterns, nearest_pattern, pattern_code, short_name
 
 PROMPT_TYPES = ("m", "ta", "ts")
 PLACEMENTS = ("front", "back")
@@ -53,6 +53,7 @@ COMBINES = ("sum", "concat")
 TASK_IDENTITIES = ("pattern", "oracle")
 TASK_SPECIFIC_FORMS = ("per_pattern", "compositional")
 COMPOSITIONAL_UPDATES = ("current", "unused")
+UNSEEN_RULES = ("nearest", "own")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -95,6 +96,14 @@ class OursOptions:
     "unused" trains only components no earlier task has trained and freezes them afterwards (no
     drift, but later tasks may find nothing left to train but the shared prompts).
 
+    ``unseen_patterns``: which task-specific set a sample gets whose pattern no task has trained
+    yet (a held-out pattern of ``--eval-patterns``, or a later task's before its turn). "nearest"
+    (default for per-pattern sets; not in the paper): the set of the nearest trained pattern
+    (``streams.patterns.nearest_pattern``: fewest differing modalities, then most shared present
+    ones), since an untrained set is only its random initialisation. "own": the pattern's own
+    set, which for the compositional form is composed from trained components (that strategy's
+    default).
+
     ``positive_pairs``: "swap" (default) = the pairs of patterns related by swapping the first and
     the last modality of the layout, which for (audio, video, text) is method.md's audio<->text
     swap: {v,t}<->{a,v} and {a}<->{t}. Or an explicit list of code pairs, e.g. "vt-av,a-t" (Table
@@ -127,6 +136,7 @@ class OursOptions:
     task_identity: str = "pattern"
     task_specific_form: str = "per_pattern"
     compositional_update: str = "current"
+    unseen_patterns: str = "nearest"
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> OursOptions:
@@ -165,6 +175,7 @@ class OursOptions:
             ("task_identity", TASK_IDENTITIES),
             ("task_specific_form", TASK_SPECIFIC_FORMS),
             ("compositional_update", COMPOSITIONAL_UPDATES),
+            ("unseen_patterns", UNSEEN_RULES),
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(
@@ -234,6 +245,8 @@ OPTION_HELP = {
     "(summed per-modality present/missing components, 2M)",
     "compositional_update": "compositional only: current (train the task's M components) or "
     "unused (train only components no earlier task trained, then freeze them)",
+    "unseen_patterns": "nearest (an untrained pattern uses the nearest trained pattern's set) or "
+    "own (its own set: random if per_pattern, composed if compositional)",
 }
 
 
@@ -338,6 +351,7 @@ _COERCE = {
     "task_identity": _str,
     "task_specific_form": _str,
     "compositional_update": _str,
+    "unseen_patterns": _str,
 }
 assert set(_COERCE) == {f.name for f in fields(OursOptions)}
 
@@ -500,6 +514,11 @@ class OursPrompts(nn.Module):
         )
         # Set by the oracle plugin for the current minibatch: (B,) pattern indices.
         self.oracle_indices: Tensor | None = None
+        self.unseen_rule = options.unseen_patterns
+        # Patterns whose task-specific set has been (or is being) trained: a buffer, so that it
+        # is in the state dict and survives a checkpoint and resume.
+        self.register_buffer("seen", torch.zeros(len(self.patterns), dtype=torch.bool))
+        self._routes: dict[tuple[bool, ...], Tensor] = {}
 
         std, shape = options.prompt_init_std, (self.length, width)
         # Parameters are created in a fixed order (modalities, keys, patterns in all_patterns
@@ -540,6 +559,22 @@ class OursPrompts(nn.Module):
                 )
             return self.oracle_indices.to(ctx.device)
         return self.pattern_indices(ctx.presence)
+
+    def mark_seen(self, pattern: Pattern) -> None:
+        self.seen[self.pattern_index[tuple(pattern)]] = True
+
+    def task_specific_indices(self, indices: Tensor) -> Tensor:
+        """Each sample's task-specific set: its own pattern's, or under ``unseen_patterns=
+        "nearest"`` the nearest seen pattern's when its own has not been trained."""
+        seen = tuple(bool(v) for v in self.seen.tolist())
+        if self.unseen_rule == "own" or not any(seen) or all(seen):
+            return indices
+        if seen not in self._routes:
+            trained = [p for p, s in zip(self.patterns, seen, strict=True) if s]
+            self._routes[seen] = torch.tensor(
+                [self.pattern_index[nearest_pattern(p, trained)] for p in self.patterns]
+            )
+        return self._routes[seen].to(indices.device)[indices]
 
     def task_aware_all(self) -> Tensor:
         """(K, L or M*L, d): the task-aware prompt of every pattern (``self.patterns`` order)."""
@@ -599,7 +634,7 @@ class OursPrompts(nn.Module):
             elif kind == "ta":
                 prompt = self.task_aware_all()[indices]
             else:
-                prompt = self.task_specific_all()[indices, branch]
+                prompt = self.task_specific_all()[self.task_specific_indices(indices), branch]
             parts.append(prompt)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
@@ -708,6 +743,9 @@ def make_task_specific_selector(
 
         def before_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
             set_requires_grad(model.method_parameters(), True)
+            trained_now = patterns if joint else [patterns[strategy.experience.current_experience]]
+            for pattern in trained_now:
+                prompts.mark_seen(pattern)
             if not joint:
                 self.current = tuple(patterns[strategy.experience.current_experience])
                 set_requires_grad(prompts.task_specific_parameters(), False)
@@ -850,4 +888,6 @@ class JointOurs(Ours):
 )
 class OursCompositional(Ours):
     def __init__(self, **options: Any) -> None:
-        super().__init__(**{"task_specific_form": "compositional", **options})
+        super().__init__(
+            **{"task_specific_form": "compositional", "unseen_patterns": "own", **options}
+        )

@@ -59,8 +59,10 @@ def pattern_code(pattern: Pattern, modalities: tuple[str, ...]) -> str:
     return "".join(short_name(m) for m, p in zip(modalities, pattern, strict=True) if p)
 
 
-def parse_task_order(spec: str | None, modalities: tuple[str, ...]) -> list[Pattern]:
-    """Parse ``--task-order``.
+def parse_task_order(
+    spec: str | None, modalities: tuple[str, ...], flag: str = "--task-order"
+) -> list[Pattern]:
+    """Parse ``--task-order`` (or another ``flag`` naming patterns the same way).
 
     Accepts ``None``/``"default"``, 1-based indices into the default order (``"1,3,2"``), or
     codes of the present modalities (``"avt,vt,t"``). Any permutation or subset is allowed;
@@ -72,7 +74,7 @@ def parse_task_order(spec: str | None, modalities: tuple[str, ...]) -> list[Patt
     by_code = {pattern_code(p, modalities): p for p in default}
     items = [s.strip() for s in spec.split(",") if s.strip()]
     if not items:
-        raise ConfigError(f"--task-order {spec!r} names no task")
+        raise ConfigError(f"{flag} {spec!r} names no task")
     order: list[Pattern] = []
     for item in items:
         # ASCII digits only: str.isdigit() also accepts "²", which int() refuses.
@@ -83,7 +85,7 @@ def parse_task_order(spec: str | None, modalities: tuple[str, ...]) -> list[Patt
             if k is None or not 1 <= k <= len(default):
                 shown = k if k is not None else f"{digits[:6]}... ({len(digits)} digits)"
                 raise ConfigError(
-                    f"--task-order: task {shown} does not exist; use 1..{len(default)} "
+                    f"{flag}: task {shown} does not exist; use 1..{len(default)} "
                     f"(default order: {', '.join(by_code)})"
                 )
             pattern = default[k - 1]
@@ -91,13 +93,49 @@ def parse_task_order(spec: str | None, modalities: tuple[str, ...]) -> list[Patt
             code = "".join(sorted(item, key=lambda c: "".join(map(short_name, modalities)).find(c)))
             if code not in by_code:
                 raise ConfigError(
-                    f"--task-order: {item!r} is not a pattern; write the present modalities "
+                    f"{flag}: {item!r} is not a pattern; write the present modalities "
                     f"as one of {', '.join(by_code)}"
                 )
             pattern = by_code[code]
         if pattern in order:
-            raise ConfigError(
-                f"--task-order: {item!r} appears twice; each missing case is one task"
-            )
+            raise ConfigError(f"{flag}: {item!r} appears twice; each missing case is one task")
         order.append(pattern)
     return order
+
+
+def parse_eval_patterns(
+    spec: str | None, modalities: tuple[str, ...], trained: list[Pattern]
+) -> list[Pattern]:
+    """Parse ``--eval-patterns``: held-out missing cases to test on, never trained on.
+
+    ``""``/``None``: none. ``"unseen"``: every pattern no task in ``trained`` has. Otherwise the
+    syntax of ``--task-order`` (codes such as ``"a,v,t"`` or 1-based indices).
+    """
+    if spec is None or not spec.strip():
+        return []
+    if spec.strip() == "unseen":
+        unseen = [p for p in all_patterns(len(modalities)) if p not in trained]
+        if not unseen:
+            raise ConfigError(
+                "--eval-patterns unseen: the tasks train on every pattern, so none is left "
+                "unseen; train on a subset with --task-order (e.g. avt,vt,at,av)"
+            )
+        return unseen
+    if spec.strip() == "default":
+        raise ConfigError("--eval-patterns: write 'unseen' or the patterns, e.g. 'a,v,t'")
+    return parse_task_order(spec, modalities, flag="--eval-patterns")
+
+
+def nearest_pattern(pattern: Pattern, candidates: list[Pattern]) -> Pattern:
+    """The candidate closest to ``pattern``: fewest modalities that differ (Hamming); among
+    equals, the one sharing the most present modalities (what a prompt set can have learned to
+    use), then the first in ``candidates``."""
+    if not candidates:
+        raise ConfigError("no pattern to choose from")
+
+    def cost(candidate: Pattern) -> tuple[int, int]:
+        differ = sum(a != b for a, b in zip(pattern, candidate, strict=True))
+        shared = sum(a and b for a, b in zip(pattern, candidate, strict=True))
+        return differ, -shared
+
+    return min(candidates, key=cost)
