@@ -228,6 +228,24 @@ class RowStatistics:
         return [r["fm"] for r in self.results if r["fm"] is not None]
 
     @property
+    def held_out_aa(self) -> list[float]:
+        """AA on the held-out patterns (``eval_patterns``) of the seeds that have them."""
+        return [
+            r["held_out"]["aa"]
+            for r in self.results
+            if r.get("held_out") and r["held_out"]["aa"] is not None
+        ]
+
+    def held_out_per_case(self) -> str:
+        """Final accuracy on each held-out pattern, mean over seeds, e.g. "a 55.0, t 71.2"."""
+        by_code: dict[str, list[float]] = {}
+        for r in self.results:
+            held_out = r.get("held_out") or {"tasks": [], "per_task_final": []}
+            for task, final in zip(held_out["tasks"], held_out["per_task_final"], strict=True):
+                by_code.setdefault(task["code"], []).append(final["acc"])
+        return ", ".join(f"{code} {statistics.mean(v):.1f}" for code, v in by_code.items())
+
+    @property
     def trainable(self) -> int | None:
         return self.results[0]["parameters"]["trainable"] if self.results else None
 
@@ -255,7 +273,10 @@ def markdown_table(
     command: str = "cmmm experiment",
 ) -> str:
     has_paper = any(row.paper for row in experiment.rows)
+    held_out = any(_statistics(found).held_out_aa for found in outcomes.values())
     header = ["configuration", "AA (%)", "FM", "trainable", "time/run (s)", "seeds"]
+    if held_out:
+        header[3:3] = ["AA held-out (%)", "held-out cases"]
     if has_paper:
         header.append("paper AA / FM")
     resolved = [row.config.resolved() for row in experiment.rows]
@@ -281,6 +302,7 @@ def markdown_table(
             row.label,
             mean_spread(stats.aa),
             mean_spread(stats.fm),
+            *([mean_spread(stats.held_out_aa), stats.held_out_per_case()] if held_out else []),
             "-" if stats.trainable is None else f"{stats.trainable:,}",
             "-" if wall is None else f"{wall:.0f}",
             stats.seeds,
@@ -311,7 +333,16 @@ def experiment_figure(experiment: Experiment, outcomes: dict[str, list[RunOutcom
     )
 
 
-CSV_METRICS = ["aa_mean", "aa_std", "fm_mean", "fm_std", "trainable", "wall_seconds_mean"]
+CSV_METRICS = [
+    "aa_mean",
+    "aa_std",
+    "fm_mean",
+    "fm_std",
+    "held_out_aa_mean",
+    "held_out_aa_std",
+    "trainable",
+    "wall_seconds_mean",
+]
 
 
 def csv_table(experiment: Experiment, outcomes: dict[str, list[RunOutcome]]) -> str:
@@ -332,6 +363,10 @@ def csv_table(experiment: Experiment, outcomes: dict[str, list[RunOutcome]]) -> 
             aa_std=statistics.stdev(stats.aa) if len(stats.aa) > 1 else None,
             fm_mean=statistics.mean(stats.fm) if stats.fm else None,
             fm_std=statistics.stdev(stats.fm) if len(stats.fm) > 1 else None,
+            held_out_aa_mean=statistics.mean(stats.held_out_aa) if stats.held_out_aa else None,
+            held_out_aa_std=(
+                statistics.stdev(stats.held_out_aa) if len(stats.held_out_aa) > 1 else None
+            ),
             trainable=stats.trainable,
             wall_seconds_mean=stats.wall_seconds,
             seeds=" ".join(str(r["config"]["seed"]) for r in stats.results),

@@ -246,3 +246,49 @@ def test_cli_refuses_unseen_when_every_pattern_is_trained(tmp_path: Path) -> Non
     assert "none is left unseen" in result.output
     result = runner.invoke(app, ["run", "--missing-rate", "2", "--dry-run"])
     assert result.exit_code == 2 and "--missing-rate must lie in [0, 1]" in result.output
+
+
+def test_experiment_table_shows_held_out_cases_and_missing_rates(tmp_path: Path) -> None:
+    from cmmm.experiments import load_experiment, run_experiment
+
+    path = tmp_path / "held_out.toml"
+    path.write_text(
+        """
+title = "held out"
+stream = "synthetic"
+seeds = [0]
+
+[base]
+strategy = "naive"
+epochs = 1
+pretrain_epochs = 1
+task_order = "avt,vt"
+eval_patterns = "unseen"
+stream_options = { n_train = 48, n_valid = 16, n_test = 32 }
+backbone_options = { layers = 1, self_layers = 1 }
+
+[grid]
+missing_rate = [0.5, 1.0]
+
+[[rows]]
+label = "naive"
+"""
+    )
+    overrides = {"out": str(tmp_path / "runs"), "cache_dir": str(tmp_path / "cache")}
+    experiment = load_experiment(path, overrides)
+    table, _ = run_experiment(experiment, tmp_path / "runs", log=quiet)
+    assert "AA held-out (%)" in table and "held-out cases" in table
+    results = {
+        json.loads(p.read_text())["config"]["missing_rate"]: json.loads(p.read_text())
+        for p in (tmp_path / "runs").glob("*/results.json")
+    }
+    assert sorted(results) == [0.5, 1.0]
+    for rate, result in results.items():
+        held_out = result["held_out"]
+        cases = ", ".join(
+            f"{t['code']} {f['acc']:.1f}"
+            for t, f in zip(held_out["tasks"], held_out["per_task_final"], strict=True)
+        )
+        assert f"naive missing_rate={rate} | " in table
+        assert cases in table
+        assert result["stream"]["missing_rate"] == rate
