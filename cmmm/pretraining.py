@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -22,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cmmm.atomic_files import atomic_write
 from cmmm.backbone import MulT, MulTConfig
 from cmmm.errors import ConfigError
 from cmmm.plain_training import fit
@@ -104,16 +103,10 @@ def pretrained_backbone(
         valid=(valid_x, valid_y),
     )
     cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(
-            {"state_dict": model.state_dict(), "valid_loss": valid_loss, **key_material}, tmp
-        )
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    log(f"pre-trained backbone: best valid loss {valid_loss:.4f}, saved {path}")
+    content = {"state_dict": model.state_dict(), "valid_loss": valid_loss, **key_material}
+    atomic_write(path, lambda handle: torch.save(content, handle))
+    # No epochs: the backbone stays at its seeded initialisation and has no validation loss.
+    loss = "none (0 epochs)" if valid_loss is None else f"{valid_loss:.4f}"
+    log(f"pre-trained backbone: best valid loss {loss}, saved {path}")
     record.update(cached=False, valid_loss=valid_loss)
     return model, record

@@ -348,3 +348,12 @@ def test_mosi_with_empty_data_dir_says_how_to_download(tiny_config, tmp_path) ->
     assert "cmmm data download mosi" in message
     assert list(empty.iterdir()) == []
     assert not (tmp_path / "runs").exists()
+
+
+def test_zero_pretraining_epochs_leave_the_seeded_backbone(tiny_config) -> None:
+    """``--pretrain-epochs 0``: no pre-training, no validation loss, and the run still finishes."""
+    messages: list[str] = []
+    results = run(tiny_config(pretrain_epochs=0), log=messages.append)
+    assert results["pretraining"]["valid_loss"] is None
+    assert any("best valid loss none (0 epochs)" in m for m in messages)
+    assert results["aa"] is not None
