@@ -146,6 +146,14 @@ class Comparison:
             "|---|" + "---:|" * (len(header) - 1),
         ]
         lines += ["| " + " | ".join(row.markdown_cells(held_out)) + " |" for row in self.rows]
+        walls = [o.result["wall_time_seconds"] for o in self.outcomes if o.result is not None]
+        if walls:
+            # Summed from each results.json, so reused runs count with the time they took then.
+            lines += [
+                "",
+                f"Total wall time of the {len(walls)} runs: {sum(walls) / 3600:.2f} h "
+                f"({sum(walls):,.0f} s, one run after another).",
+            ]
         failures = [o for o in self.outcomes if o.status == "failed"]
         if failures:
             lines += ["", "Failed runs:", ""]

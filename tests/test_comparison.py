@@ -126,6 +126,10 @@ def test_tables_hold_mean_and_spread_of_the_runs(tmp_path: Path, monkeypatch) ->
         assert record["seeds"] == "0 1 2" and record["failed_seeds"] == ""
     assert rows["er-500"][1] == records["er-500"]["buffer"] == "500"
     assert rows["ewc"][1] == "-" and records["ewc"]["buffer"] == ""
+    # 3 strategies x wall times 10, 11, 12 s.
+    assert "Total wall time of the 9 runs: 0.03 h (99 s, one run after another)." in (
+        md_path.read_text()
+    )
 
 
 def test_a_failed_run_is_reported_and_the_others_continue(tmp_path: Path, monkeypatch) -> None:
