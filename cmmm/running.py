@@ -49,7 +49,12 @@ from cmmm.template_state import (
 )
 from strategies.base import StrategyContext
 from streams.catalog import STREAMS, StreamRequest
-from streams.missing_stream import MissingModalityStream, build_stream, check_missing_rate
+from streams.missing_stream import (
+    MissingModalityStream,
+    StreamTask,
+    build_stream,
+    check_missing_rate,
+)
 from streams.patterns import parse_eval_patterns, parse_task_order
 from streams.standardization import standardize
 
@@ -385,26 +390,19 @@ def run(
         template = strategy.build(ctx)
         model: nn.Module = template.model
         num_steps = 1 if strategy.joint else len(stream.tasks)
-        evaluator = Evaluator(
-            [EvalTask(task.name, task.test) for task in stream.tasks],
-            family=dataset.metric_family,
-            num_classes=dataset.num_classes,
-            batch_size=config.eval_batch_size,
-            device=device,
-            num_steps=num_steps,
-        )
-        held_out = (
-            Evaluator(
-                [EvalTask(task.name, task.test) for task in stream.held_out],
+
+        def evaluator_of(tasks: list[StreamTask]) -> Evaluator:
+            return Evaluator(
+                [EvalTask(task.name, task.test) for task in tasks],
                 family=dataset.metric_family,
                 num_classes=dataset.num_classes,
                 batch_size=config.eval_batch_size,
                 device=device,
                 num_steps=num_steps,
             )
-            if stream.held_out
-            else None
-        )
+
+        evaluator = evaluator_of(stream.tasks)
+        held_out = evaluator_of(stream.held_out) if stream.held_out else None
         benchmark = stream.avalanche_benchmark()
         samples = StreamSamples(benchmark.train_stream)
         first_step, train_seconds, earlier_wall = 0, 0.0, 0.0
