@@ -736,6 +736,13 @@ def compare(
         ),
     ] = 0,
     order_seed: Annotated[int, typer.Option(help="seed of the random task orders")] = 0,
+    finished_only: Annotated[
+        bool,
+        typer.Option(
+            "--finished-only",
+            help="run nothing: the table of the runs already finished, listing the others",
+        ),
+    ] = False,
 ) -> None:
     """Run (or reuse finished runs of) several strategies over seeds; print a Table-2 table."""
     from cmmm.comparison import compare as compare_runs
@@ -777,13 +784,18 @@ def compare(
             list(range(seeds)),
             random_task_orders(orders, num_tasks, order_seed),
             log=lambda m: console.print(m, highlight=False),
+            finished_only=finished_only,
         )
         markdown_path, csv_path = by_order.write(out)
         print(by_order.markdown(), end="")
         console.print(f"written: {markdown_path} and {csv_path}", highlight=False)
         return
     comparison = compare_runs(
-        base, names, list(range(seeds)), log=lambda m: console.print(m, highlight=False)
+        base,
+        names,
+        list(range(seeds)),
+        log=lambda m: console.print(m, highlight=False),
+        finished_only=finished_only,
     )
     markdown_path, csv_path = comparison.write(out)
     print(comparison.markdown(), end="")

@@ -27,7 +27,8 @@ from cmmm.errors import ConfigError
 from cmmm.running import RunConfig, atomic_write_text
 from cmmm.summary import Aggregate, aggregate, mean_spread
 
-Status = Literal["reused", "ran", "failed"]
+# "missing": not finished and not run, because the comparison was asked for finished runs only.
+Status = Literal["reused", "ran", "failed", "missing"]
 
 
 @dataclass
@@ -48,6 +49,7 @@ class ComparisonRow:
     buffer: int | None
     aggregate: Aggregate | None
     failed_seeds: list[int] = field(default_factory=list)
+    missing_seeds: list[int] = field(default_factory=list)
 
     @staticmethod
     def _mean(values: list[float]) -> float | None:
@@ -61,10 +63,12 @@ class ComparisonRow:
         """The row's cells; ``held_out`` adds the AA on held-out patterns after FM."""
         buffer = "-" if self.buffer is None else str(self.buffer)
         failed = f" ({len(self.failed_seeds)} failed)" if self.failed_seeds else ""
+        failed += f" ({len(self.missing_seeds)} not run yet)" if self.missing_seeds else ""
         agg = self.aggregate
         if agg is None:
-            extra = ["failed"] if held_out else []
-            return [self.strategy, buffer, "failed", "failed", *extra, "-", "-", f"0{failed}"]
+            state = "failed" if self.failed_seeds else "not run yet"
+            extra = [state] if held_out else []
+            return [self.strategy, buffer, state, state, *extra, "-", "-", f"0{failed}"]
         extra = [mean_spread(agg.held_out_aa)] if held_out else []
         return [
             self.strategy,
@@ -82,6 +86,7 @@ class ComparisonRow:
             "strategy": self.strategy,
             "buffer": "" if self.buffer is None else self.buffer,
             "failed_seeds": " ".join(map(str, self.failed_seeds)),
+            "missing_seeds": " ".join(map(str, self.missing_seeds)),
         }
         agg = self.aggregate
         if agg is not None:
@@ -113,6 +118,7 @@ CSV_FIELDS = [
     "wall_seconds_mean",
     "seeds",
     "failed_seeds",
+    "missing_seeds",
 ]
 
 
@@ -158,6 +164,13 @@ class Comparison:
         if failures:
             lines += ["", "Failed runs:", ""]
             lines += [f"- {o.strategy} seed {o.seed}: {o.error}" for o in failures]
+        missing = [o for o in self.outcomes if o.status == "missing"]
+        if missing:
+            lines += [
+                "",
+                f"Not run yet ({len(missing)} runs; the same command without --finished-only "
+                "runs them): " + ", ".join(f"{o.strategy} seed {o.seed}" for o in missing) + ".",
+            ]
         return "\n".join(lines) + "\n"
 
     def csv(self) -> str:
@@ -221,8 +234,12 @@ def compare(
     strategies: Sequence[str],
     seeds: Sequence[int],
     log: Callable[[str], None] = print,
+    finished_only: bool = False,
 ) -> Comparison:
-    """Run or reuse every (strategy, seed) pair and aggregate them, one row per strategy."""
+    """Run or reuse every (strategy, seed) pair and aggregate them, one row per strategy.
+
+    ``finished_only`` runs nothing: the table is made of the finished runs and lists the others.
+    """
     if not seeds:
         raise ConfigError("--seeds must be >= 1")
     configs = [
@@ -231,23 +248,34 @@ def compare(
         for seed in seeds
     ]
     outcomes = [
-        run_or_reuse(config, f"[{index}/{len(configs)}] {config.strategy} seed {config.seed}", log)
+        run_or_reuse(
+            config,
+            f"[{index}/{len(configs)}] {config.strategy} seed {config.seed}",
+            log,
+            run_missing=not finished_only,
+        )
         for index, config in enumerate(configs, start=1)
     ]
     return Comparison(stream=base.stream, outcomes=outcomes, rows=_rows(strategies, outcomes))
 
 
-def run_or_reuse(config: RunConfig, label: str, log: Callable[[str], None]) -> RunOutcome:
+def run_or_reuse(
+    config: RunConfig, label: str, log: Callable[[str], None], run_missing: bool = True
+) -> RunOutcome:
     """The run's results: read from ``run_dir()/results.json`` when present, else run now.
 
     A failure is returned as a ``failed`` outcome (and logged) so that the caller's other runs
-    go on; an unreadable results file is run again.
+    go on; an unreadable results file is run again. With ``run_missing`` False an unfinished
+    run is only reported (``missing``).
     """
     path = config.run_dir() / "results.json"
     result = read_results(path)
     if result is not None:
         log(f"{label}: reusing {path}")
         return RunOutcome(config.strategy, config.seed, "reused", path, result)
+    if not run_missing:
+        log(f"{label}: not finished; not run (--finished-only)")
+        return RunOutcome(config.strategy, config.seed, "missing", path)
     if path.exists():
         log(f"{label}: {path} is unreadable; running again")
     # An interrupted run continues from its checkpoint (running.run refuses to start it over).
@@ -277,6 +305,7 @@ def _rows(strategies: Sequence[str], outcomes: list[RunOutcome]) -> list[Compari
                 buffer=_buffer_of(results[0]) if results else None,
                 aggregate=groups[0] if groups else None,
                 failed_seeds=[o.seed for o in mine if o.status == "failed"],
+                missing_seeds=[o.seed for o in mine if o.status == "missing"],
             )
         )
     return rows
@@ -387,12 +416,15 @@ def compare_orders(
     seeds: Sequence[int],
     orders: Sequence[str],
     log: Callable[[str], None] = print,
+    finished_only: bool = False,
 ) -> OrderComparison:
     """``compare`` once per task order (runs reused by key as always), then across orders."""
     comparisons = []
     for index, order in enumerate(orders, start=1):
         log(f"task order {index}/{len(orders)}: {order}")
-        comparison = compare(replace(base, task_order=order), strategies, seeds, log)
+        comparison = compare(
+            replace(base, task_order=order), strategies, seeds, log, finished_only=finished_only
+        )
         comparison.task_order = order
         comparisons.append(comparison)
     rows = []

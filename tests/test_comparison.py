@@ -6,7 +6,7 @@ import csv
 import io
 import json
 import statistics
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +162,45 @@ def test_a_failed_run_is_reported_and_the_others_continue(tmp_path: Path, monkey
     assert sorted(calls.calls) == [("lwf", 1), ("si", 0), ("si", 1)]
 
 
+def test_finished_only_runs_nothing_and_tabulates_what_exists(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(cmmm.running, "run", fake_run)
+    base = RunConfig(stream="synthetic", out=str(tmp_path), cache_dir=str(tmp_path / "c"))
+    compare(base, ["naive"], [0, 1], log=quiet)
+    compare(base, ["ewc"], [0], log=quiet)
+
+    calls = CountingRun(fake_run)
+    monkeypatch.setattr(cmmm.running, "run", calls)
+    comparison = compare(base, ["naive", "ewc", "si"], [0, 1, 2], log=quiet, finished_only=True)
+    assert calls.calls == []
+    assert not replace(base, strategy="si", seed=0).resolved().run_dir().exists()
+    statuses = {(o.strategy, o.seed): o.status for o in comparison.outcomes}
+    assert [k for k, v in statuses.items() if v == "reused"] == [
+        ("naive", 0),
+        ("naive", 1),
+        ("ewc", 0),
+    ]
+    markdown = comparison.markdown()
+    rows = table_rows(markdown)
+    aa = [fake_aa("naive", s) for s in (0, 1)]
+    assert rows["naive"][2] == f"{statistics.mean(aa):.2f} ± {statistics.stdev(aa):.2f}"
+    assert rows["naive"][6] == "2 (1 not run yet)"
+    assert rows["ewc"][2] == f"{fake_aa('ewc', 0):.2f}" and rows["ewc"][6] == "1 (2 not run yet)"
+    assert rows["si"][2] == "not run yet" and rows["si"][6] == "0 (3 not run yet)"
+    assert "Not run yet (6 runs" in markdown and "si seed 2" in markdown
+    records = {r["strategy"]: r for r in csv.DictReader(io.StringIO(comparison.csv()))}
+    assert records["naive"]["missing_seeds"] == "2" and records["si"]["missing_seeds"] == "0 1 2"
+    # Without the flag the same comparison runs exactly the missing pairs.
+    compare(base, ["naive", "ewc", "si"], [0, 1, 2], log=quiet)
+    assert sorted(calls.calls) == [
+        ("ewc", 1),
+        ("ewc", 2),
+        ("naive", 2),
+        ("si", 0),
+        ("si", 1),
+        ("si", 2),
+    ]
+
+
 def test_strategy_lists_expand_families_and_all() -> None:
     assert expand_strategies("naive, er,der-1000", "synthetic") == [
         "naive",
@@ -195,6 +234,11 @@ def test_cli_compare_prints_and_writes_the_table(tmp_path: Path, monkeypatch) ->
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0 and len(counting.calls) == 6
     assert "reusing" in again.output
+
+    finished = CliRunner().invoke(app, [*args[:6], "3", *args[7:], "--finished-only"])
+    assert finished.exit_code == 0, finished.output
+    assert len(counting.calls) == 6
+    assert "| naive | - |" in finished.output and "2 (1 not run yet)" in finished.output
 
     bad = CliRunner().invoke(app, [*args[:4], "naive,bogus", *args[5:]])
     assert bad.exit_code == 2 and "unknown strategy 'bogus'" in bad.output
