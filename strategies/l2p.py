@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from cmmm.backbone import MulT, PromptContext, PromptSite
 from cmmm.errors import ConfigError
 from strategies.base import STRATEGIES, StrategyContext
-from strategies.options import ConfigurableStrategy, Option
+from strategies.options import ConfigurableStrategy, Option, parse_layers
 from strategies.prompted_model import (
     TRAINABLE_HEADS,
     PromptedModel,
@@ -64,23 +64,6 @@ from strategies.prompted_model import (
 
 def trainable_head_option(default: str, help_text: str) -> Option:
     return Option(default, str, help_text, choices=tuple(TRAINABLE_HEADS))
-
-
-def parse_layers(owner: str, name: str, raw: Any) -> tuple[int, ...]:
-    """A layer list option: "0,1", "[0, 1]", "2" (or what JSON decoding made of them)."""
-    text = str(raw).strip().strip("[]()").strip()
-    items = [s.strip() for s in text.split(",") if s.strip()]
-    if not items:
-        raise ConfigError(f"{owner}: option {name} names no layer, got {raw!r}")
-    try:
-        layers = [int(item) for item in items]
-    except ValueError:
-        raise ConfigError(
-            f"{owner}: option {name} must be a comma list of layer indices, got {raw!r}"
-        ) from None
-    if any(layer < 0 for layer in layers) or len(set(layers)) != len(layers):
-        raise ConfigError(f"{owner}: option {name} must list distinct layers >= 0, got {raw!r}")
-    return tuple(sorted(layers))
 
 
 def normalise_layer_option(strategy: ConfigurableStrategy, name: str) -> tuple[int, ...]:

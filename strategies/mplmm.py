@@ -58,8 +58,8 @@ from torch import Tensor, nn
 from cmmm.backbone import MulT, PromptContext, PromptSite
 from cmmm.errors import ConfigError
 from strategies.base import STRATEGIES, StrategyContext
-from strategies.l2p import parse_layers, require_mult, trainable_head_option
-from strategies.options import ConfigurableStrategy, Option
+from strategies.l2p import require_mult, trainable_head_option
+from strategies.options import ConfigurableStrategy, Option, parse_layers
 from strategies.prompted_model import PromptedModel, make_prompt_template
 from streams.patterns import all_patterns
 

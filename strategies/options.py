@@ -9,6 +9,7 @@ the exact configuration. Every baseline uses it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -16,9 +17,39 @@ from cmmm.errors import ConfigError
 from strategies.base import Strategy
 
 
+def parse_layers(owner: str, name: str, raw: Any) -> tuple[int, ...]:
+    """A layer list option: "0,1", "[0, 1]", "2" (or what JSON decoding made of them)."""
+    text = str(raw).strip().strip("[]()").strip()
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    if not items:
+        raise ConfigError(f"{owner}: option {name} names no layer, got {raw!r}")
+    try:
+        layers = [int(item) for item in items]
+    except ValueError:
+        raise ConfigError(
+            f"{owner}: option {name} must be a comma list of layer indices, got {raw!r}"
+        ) from None
+    if any(layer < 0 for layer in layers) or len(set(layers)) != len(layers):
+        raise ConfigError(f"{owner}: option {name} must list distinct layers >= 0, got {raw!r}")
+    return tuple(sorted(layers))
+
+
+def parse_comma_list(owner: str, name: str, raw: Any) -> str:
+    """A list option kept as a comma string: accepts a JSON list of strings or a comma string."""
+    if isinstance(raw, list | tuple) and all(isinstance(s, str) for s in raw):
+        return ",".join(s.strip() for s in raw)
+    if isinstance(raw, str):
+        return raw.strip()
+    raise ConfigError(f"{owner}: option {name} must be a comma list, got {raw!r}")
+
+
 @dataclass(frozen=True)
 class Option:
-    """One declared option: its default, its type and its admissible values."""
+    """One declared option: its default, its type and its admissible values.
+
+    ``parser`` (owner, name, raw) -> value replaces the checks of ``kind`` for values that are not
+    a plain bool, int, float or string (layer lists, comma lists); ``minimum`` and ``choices``
+    still apply to what it returns."""
 
     default: Any
     kind: type
@@ -26,6 +57,7 @@ class Option:
     minimum: float | None = None
     choices: tuple[Any, ...] | None = None
     nullable: bool = False
+    parser: Callable[[str, str, Any], Any] | None = None
 
     def parse(self, owner: str, name: str, raw: Any) -> Any:
         if raw is None or (self.nullable and raw in ("none", "None", "null")):
@@ -33,7 +65,12 @@ class Option:
                 return None
             raise ConfigError(f"{owner}: option {name} needs a value ({self.help})")
         value: Any
-        if self.kind is bool:
+        if self.parser is not None:
+            value = self.parser(owner, name, raw)
+        elif self.kind is bool:
+            # "true"/"false" as text too: config files and sweeps sometimes quote them
+            if isinstance(raw, str) and raw.strip().lower() in ("true", "false"):
+                raw = raw.strip().lower() == "true"
             if not isinstance(raw, bool):
                 raise ConfigError(f"{owner}: option {name} must be true or false, got {raw!r}")
             value = raw
@@ -49,7 +86,7 @@ class Option:
                 raise ConfigError(f"{owner}: option {name} must be finite, got {raw!r}")
         else:
             value = str(raw)
-        if self.minimum is not None and value < self.minimum:
+        if self.minimum is not None and value is not None and value < self.minimum:
             raise ConfigError(f"{owner}: option {name} must be >= {self.minimum}, got {value}")
         if self.choices is not None and value not in self.choices:
             raise ConfigError(

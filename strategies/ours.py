@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from cmmm.backbone import MulT, PromptContext, PromptSite
 from cmmm.errors import ConfigError
 from strategies.base import STRATEGIES, Strategy, StrategyContext
+from strategies.options import Option, parse_comma_list, parse_layers
 from strategies.prompted_model import (
     TRAINABLE_HEADS,
     PromptedModel,
@@ -59,6 +60,109 @@ UNSEEN_RULES = ("nearest", "own")
 # ------------------------------------------------------------------------------------------------
 # Options
 # ------------------------------------------------------------------------------------------------
+
+
+def _layer_list(owner: str, name: str, raw: Any) -> list[int] | None:
+    if isinstance(raw, str) and raw.strip().lower() == "auto":
+        return None
+    return list(parse_layers(owner, name, raw))
+
+
+# One declaration per option: default, type, limits and the one-line help of `cmmm list
+# strategies`; the OursOptions docstring has the detail.
+OURS_OPTIONS: dict[str, Option] = {
+    "use_modality": Option(True, bool, "modality-specific prompts P_m on/off (Table 3)"),
+    "use_task_aware": Option(True, bool, "task-aware prompt P_TA on/off (Table 3)"),
+    "use_task_specific": Option(True, bool, "task-specific prompts P_TS on/off (Table 3)"),
+    "order": Option(
+        "m,ta,ts",
+        str,
+        "order of the prompt types over the layers, e.g. 'ta,m,ts' (Table 5)",
+        parser=parse_comma_list,
+    ),
+    "placement": Option(
+        "front",
+        str,
+        "front or back: layer blocks from the first or against the last layer (Table 6)",
+        choices=PLACEMENTS,
+    ),
+    "depth_m": Option(1, int, "layers carrying P_m", minimum=0),
+    "depth_ta": Option(1, int, "layers carrying P_TA", minimum=0),
+    "depth_ts": Option(1, int, "layers carrying P_TS", minimum=0),
+    "layers_m": Option(
+        None,
+        list,
+        "explicit layers of P_m, e.g. '0,1' (replaces the computed ones)",
+        nullable=True,
+        parser=_layer_list,
+    ),
+    "layers_ta": Option(None, list, "explicit layers of P_TA", nullable=True, parser=_layer_list),
+    "layers_ts": Option(None, list, "explicit layers of P_TS", nullable=True, parser=_layer_list),
+    "prompt_length": Option(16, int, "prompt length L in tokens (Figure 5)", minimum=1),
+    "prompt_dim": Option(
+        None,
+        int,
+        "prompt width; must equal the model width d (None: d)",
+        minimum=1,
+        nullable=True,
+    ),
+    "prompt_init_std": Option(0.02, float, "std of the normal prompt initialisation", minimum=0),
+    "key_init": Option(1.0, float, "initial value of the missing/present keys k- and k+"),
+    "task_aware_combine": Option(
+        "sum", str, "sum or concat of the masked P_m into P_TA", choices=COMBINES
+    ),
+    "tau": Option(0.5, float, "temperature of the contrastive task loss (> 0)"),
+    "beta": Option(1.0, float, "weight of the single-modality positive pair (Table 4)", minimum=0),
+    "lam": Option(
+        0.1,
+        float,
+        "weight lambda of the contrastive loss; 0 turns it off (Table 4)",
+        minimum=0,
+    ),
+    "positive_pairs": Option(
+        "swap",
+        str,
+        "'swap' (audio<->text) or code pairs like 'vt-av,a-t'",
+        parser=parse_comma_list,
+    ),
+    "trainable_head": Option(
+        "none",
+        str,
+        "none, out or all: which head layers train besides the prompts",
+        choices=tuple(TRAINABLE_HEADS),
+    ),
+    "task_identity": Option(
+        "pattern",
+        str,
+        "pattern (from the sample's presence mask) or oracle (the task label)",
+        choices=TASK_IDENTITIES,
+    ),
+    "task_specific_form": Option(
+        "per_pattern",
+        str,
+        "per_pattern (one set per missing case, 2^M-1 sets) or compositional "
+        "(summed per-modality present/missing components, 2M)",
+        choices=TASK_SPECIFIC_FORMS,
+    ),
+    "compositional_update": Option(
+        "current",
+        str,
+        "compositional only: current (train the task's M components) or "
+        "unused (train only components no earlier task trained, then freeze them)",
+        choices=COMPOSITIONAL_UPDATES,
+    ),
+    "unseen_patterns": Option(
+        "nearest",
+        str,
+        "nearest (an untrained pattern uses the nearest trained pattern's set) or "
+        "own (its own set: random if per_pattern, composed if compositional)",
+        choices=UNSEEN_RULES,
+    ),
+}
+
+
+def _default(name: str) -> Any:
+    return OURS_OPTIONS[name].default
 
 
 @dataclass
@@ -112,75 +216,50 @@ class OursOptions:
     ``use_task_aware=false`` (the loss is defined on the task-aware prompts).
     """
 
-    use_modality: bool = True
-    use_task_aware: bool = True
-    use_task_specific: bool = True
-    order: str = "m,ta,ts"
-    placement: str = "front"
-    depth_m: int = 1
-    depth_ta: int = 1
-    depth_ts: int = 1
-    layers_m: list[int] | None = None
-    layers_ta: list[int] | None = None
-    layers_ts: list[int] | None = None
-    prompt_length: int = 16
-    prompt_dim: int | None = None
-    prompt_init_std: float = 0.02
-    key_init: float = 1.0
-    task_aware_combine: str = "sum"
-    tau: float = 0.5
-    beta: float = 1.0
-    lam: float = 0.1
-    positive_pairs: str = "swap"
-    trainable_head: str = "none"
-    task_identity: str = "pattern"
-    task_specific_form: str = "per_pattern"
-    compositional_update: str = "current"
-    unseen_patterns: str = "nearest"
+    use_modality: bool = _default("use_modality")
+    use_task_aware: bool = _default("use_task_aware")
+    use_task_specific: bool = _default("use_task_specific")
+    order: str = _default("order")
+    placement: str = _default("placement")
+    depth_m: int = _default("depth_m")
+    depth_ta: int = _default("depth_ta")
+    depth_ts: int = _default("depth_ts")
+    layers_m: list[int] | None = _default("layers_m")
+    layers_ta: list[int] | None = _default("layers_ta")
+    layers_ts: list[int] | None = _default("layers_ts")
+    prompt_length: int = _default("prompt_length")
+    prompt_dim: int | None = _default("prompt_dim")
+    prompt_init_std: float = _default("prompt_init_std")
+    key_init: float = _default("key_init")
+    task_aware_combine: str = _default("task_aware_combine")
+    tau: float = _default("tau")
+    beta: float = _default("beta")
+    lam: float = _default("lam")
+    positive_pairs: str = _default("positive_pairs")
+    trainable_head: str = _default("trainable_head")
+    task_identity: str = _default("task_identity")
+    task_specific_form: str = _default("task_specific_form")
+    compositional_update: str = _default("compositional_update")
+    unseen_patterns: str = _default("unseen_patterns")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> OursOptions:
-        """Validate and normalise user options (CLI values arrive JSON-decoded or as strings)."""
-        valid = [f.name for f in fields(cls)]
-        unknown = sorted(set(options) - set(valid))
+        """Validate and normalise user options against ``OURS_OPTIONS``."""
+        unknown = sorted(set(options) - set(OURS_OPTIONS))
         if unknown:
             raise ConfigError(
                 f"unknown option(s) {', '.join(unknown)} for ours/joint-ours; valid options: "
-                f"{', '.join(valid)}"
+                f"{', '.join(OURS_OPTIONS)}"
             )
-        values: dict[str, Any] = {}
-        for name, raw in options.items():
-            values[name] = _COERCE[name](name, raw)
+        values = {
+            name: OURS_OPTIONS[name].parse("ours", name, raw) for name, raw in options.items()
+        }
         return cls(**values).check()
 
     def check(self) -> OursOptions:
-        for name in ("depth_m", "depth_ta", "depth_ts"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"ours: {name} must be >= 0, got {getattr(self, name)}")
-        if self.prompt_length < 1:
-            raise ConfigError(f"ours: prompt_length must be >= 1, got {self.prompt_length}")
-        if self.prompt_dim is not None and self.prompt_dim < 1:
-            raise ConfigError(f"ours: prompt_dim must be >= 1, got {self.prompt_dim}")
-        if self.prompt_init_std < 0:
-            raise ConfigError(f"ours: prompt_init_std must be >= 0, got {self.prompt_init_std}")
+        """The rules that involve more than one option (each option's own are in OURS_OPTIONS)."""
         if not self.tau > 0:
             raise ConfigError(f"ours: tau must be > 0, got {self.tau}")
-        for name in ("beta", "lam"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"ours: {name} must be >= 0, got {getattr(self, name)}")
-        for name, allowed in (
-            ("placement", PLACEMENTS),
-            ("task_aware_combine", COMBINES),
-            ("trainable_head", tuple(TRAINABLE_HEADS)),
-            ("task_identity", TASK_IDENTITIES),
-            ("task_specific_form", TASK_SPECIFIC_FORMS),
-            ("compositional_update", COMPOSITIONAL_UPDATES),
-            ("unseen_patterns", UNSEEN_RULES),
-        ):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(
-                    f"ours: {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
-                )
         self.prompt_order()  # validates
         if not self.enabled_types() and self.trainable_head == "none":
             raise ConfigError(
@@ -216,144 +295,7 @@ class OursOptions:
 
 
 _USE_FLAG = {"m": "modality", "ta": "task_aware", "ts": "task_specific"}
-
-# One line per OursOptions field for `cmmm list strategies`; the class docstring has the detail.
-OPTION_HELP = {
-    "use_modality": "modality-specific prompts P_m on/off (Table 3)",
-    "use_task_aware": "task-aware prompt P_TA on/off (Table 3)",
-    "use_task_specific": "task-specific prompts P_TS on/off (Table 3)",
-    "order": "order of the prompt types over the layers, e.g. 'ta,m,ts' (Table 5)",
-    "placement": "front or back: layer blocks from the first or against the last layer (Table 6)",
-    "depth_m": "layers carrying P_m",
-    "depth_ta": "layers carrying P_TA",
-    "depth_ts": "layers carrying P_TS",
-    "layers_m": "explicit layers of P_m, e.g. '0,1' (replaces the computed ones)",
-    "layers_ta": "explicit layers of P_TA",
-    "layers_ts": "explicit layers of P_TS",
-    "prompt_length": "prompt length L in tokens (Figure 5)",
-    "prompt_dim": "prompt width; must equal the model width d (None: d)",
-    "prompt_init_std": "std of the normal prompt initialisation",
-    "key_init": "initial value of the missing/present keys k- and k+",
-    "task_aware_combine": "sum or concat of the masked P_m into P_TA",
-    "tau": "temperature of the contrastive task loss",
-    "beta": "weight of the single-modality positive pair (Table 4)",
-    "lam": "weight lambda of the contrastive loss; 0 turns it off (Table 4)",
-    "positive_pairs": "'swap' (audio<->text) or code pairs like 'vt-av,a-t'",
-    "trainable_head": "none, out or all: which head layers train besides the prompts",
-    "task_identity": "pattern (from the sample's presence mask) or oracle (the task label)",
-    "task_specific_form": "per_pattern (one set per missing case, 2^M-1 sets) or compositional "
-    "(summed per-modality present/missing components, 2M)",
-    "compositional_update": "compositional only: current (train the task's M components) or "
-    "unused (train only components no earlier task trained, then freeze them)",
-    "unseen_patterns": "nearest (an untrained pattern uses the nearest trained pattern's set) or "
-    "own (its own set: random if per_pattern, composed if compositional)",
-}
-
-
-def _bool(name: str, raw: Any) -> bool:
-    if isinstance(raw, bool):
-        return raw
-    if isinstance(raw, str) and raw.strip().lower() in ("true", "false"):
-        return raw.strip().lower() == "true"
-    raise ConfigError(f"ours: {name} must be true or false, got {raw!r}")
-
-
-def _int(name: str, raw: Any) -> int:
-    if isinstance(raw, int) and not isinstance(raw, bool):
-        return raw
-    if isinstance(raw, str):
-        try:
-            return int(raw.strip())
-        except ValueError:
-            pass
-    raise ConfigError(f"ours: {name} must be an integer, got {raw!r}")
-
-
-def _optional_int(name: str, raw: Any) -> int | None:
-    if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("", "none", "null")):
-        return None
-    return _int(name, raw)
-
-
-def _float(name: str, raw: Any) -> float:
-    if isinstance(raw, int | float) and not isinstance(raw, bool):
-        value = float(raw)
-    elif isinstance(raw, str):
-        try:
-            value = float(raw.strip())
-        except ValueError:
-            raise ConfigError(f"ours: {name} must be a number, got {raw!r}") from None
-    else:
-        raise ConfigError(f"ours: {name} must be a number, got {raw!r}")
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ConfigError(f"ours: {name} must be finite, got {raw!r}")
-    return value
-
-
-def _str(name: str, raw: Any) -> str:
-    if isinstance(raw, str):
-        return raw.strip()
-    raise ConfigError(f"ours: {name} must be a string, got {raw!r}")
-
-
-def _comma_list(name: str, raw: Any) -> str:
-    """A list option kept as a comma string: accepts a JSON list or a comma string."""
-    if isinstance(raw, list | tuple) and all(isinstance(s, str) for s in raw):
-        return ",".join(s.strip() for s in raw)
-    return _str(name, raw)
-
-
-def _layers(name: str, raw: Any) -> list[int] | None:
-    """A layer list: a JSON list, a comma string ("0,1"), a single integer, or None."""
-    if raw is None:
-        return None
-    if isinstance(raw, str):
-        text = raw.strip().strip("[]").strip()
-        if text.lower() in ("none", "null", "auto"):
-            return None
-        items: list[Any] = [s.strip() for s in text.split(",") if s.strip()]
-    elif isinstance(raw, int) and not isinstance(raw, bool):
-        items = [raw]
-    elif isinstance(raw, list | tuple):
-        items = list(raw)
-    else:
-        raise ConfigError(f"ours: {name} must be a list of layer indices, got {raw!r}")
-    layers = [_int(name, item) for item in items]
-    if not layers:
-        raise ConfigError(f"ours: {name} names no layer; omit it to use the placement")
-    if any(layer < 0 for layer in layers) or len(set(layers)) != len(layers):
-        raise ConfigError(f"ours: {name} must be distinct layer indices >= 0, got {raw!r}")
-    return sorted(layers)
-
-
-_COERCE = {
-    "use_modality": _bool,
-    "use_task_aware": _bool,
-    "use_task_specific": _bool,
-    "order": _comma_list,
-    "placement": _str,
-    "depth_m": _int,
-    "depth_ta": _int,
-    "depth_ts": _int,
-    "layers_m": _layers,
-    "layers_ta": _layers,
-    "layers_ts": _layers,
-    "prompt_length": _int,
-    "prompt_dim": _optional_int,
-    "prompt_init_std": _float,
-    "key_init": _float,
-    "task_aware_combine": _str,
-    "tau": _float,
-    "beta": _float,
-    "lam": _float,
-    "positive_pairs": _comma_list,
-    "trainable_head": _str,
-    "task_identity": _str,
-    "task_specific_form": _str,
-    "compositional_update": _str,
-    "unseen_patterns": _str,
-}
-assert set(_COERCE) == {f.name for f in fields(OursOptions)}
+assert set(OURS_OPTIONS) == {f.name for f in fields(OursOptions)}
 
 
 def resolve_layers(options: OursOptions, num_layers: int) -> dict[str, tuple[int, ...]]:
@@ -840,7 +782,7 @@ class Ours(Strategy):
         return asdict(self.config)
 
     def option_help(self) -> dict[str, str]:
-        return dict(OPTION_HELP)
+        return {name: option.help for name, option in OURS_OPTIONS.items()}
 
     def build(self, ctx: StrategyContext) -> Any:
         backbone = ctx.model

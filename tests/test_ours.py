@@ -18,6 +18,7 @@ from cmmm.packing import PackedLayout
 from strategies import STRATEGIES
 from strategies.base import StrategyContext
 from strategies.ours import (
+    OURS_OPTIONS,
     JointOurs,
     Ours,
     OursOptions,
@@ -136,6 +137,15 @@ def test_list_options_accept_json_lists_comma_strings_and_integers() -> None:
     assert Ours(order=["ts", "m", "ta"]).options()["order"] == "ts,m,ta"
     assert Ours(positive_pairs=["vt-av", "a-t"]).options()["positive_pairs"] == "vt-av,a-t"
     assert Ours(tau=1, use_modality="false").options()["tau"] == 1.0
+
+
+def test_every_declared_option_is_listed_with_help_and_accepts_its_own_default() -> None:
+    strategy = Ours()
+    assert set(strategy.option_help()) == set(OURS_OPTIONS) == set(strategy.options())
+    assert all(help_line for help_line in strategy.option_help().values())
+    explicit = Ours(**{name: option.default for name, option in OURS_OPTIONS.items()})
+    assert explicit.options() == strategy.options()
+    assert Ours(use_task_aware="true", layers_m="auto").options()["layers_m"] is None
 
 
 def test_unknown_options_list_the_valid_ones() -> None:
