@@ -43,21 +43,25 @@ STREAMS: Registry[Loader] = Registry("stream")
 SYNTHETIC_DEFAULTS = {"epochs": 5, "pretrain_epochs": 10}
 
 
-def _synthetic_options() -> dict[str, str]:
+def _synthetic_option_names(task_type: str) -> list[str]:
     from streams.synthetic import SyntheticSpec
 
-    return {
-        f.name: f"default {f.default!r}"
-        for f in dataclasses.fields(SyntheticSpec)
-        if f.name != "task_type"
-    }
+    # A regression stream has no classes: listing num_classes there would invite a no-op option.
+    fixed = {"task_type"} if task_type == "classification" else {"task_type", "num_classes"}
+    return [f.name for f in dataclasses.fields(SyntheticSpec) if f.name not in fixed]
+
+
+def _synthetic_options(task_type: str) -> dict[str, str]:
+    from streams.synthetic import SyntheticSpec
+
+    defaults = {f.name: f.default for f in dataclasses.fields(SyntheticSpec)}
+    return {name: f"default {defaults[name]!r}" for name in _synthetic_option_names(task_type)}
 
 
 def _synthetic_spec(request: StreamRequest, task_type: str):
     from streams.synthetic import SyntheticSpec
 
-    names = {f.name for f in dataclasses.fields(SyntheticSpec)} - {"task_type"}
-    options = request.take_options(names)
+    options = request.take_options(set(_synthetic_option_names(task_type)))
     for key in ("modalities", "seq_lens", "feature_dims", "signal"):
         if key in options:
             options[key] = tuple(options[key])
@@ -67,7 +71,7 @@ def _synthetic_spec(request: StreamRequest, task_type: str):
 @STREAMS.register(
     "synthetic",
     "embedded seeded regression stream (MOSI-like, no download)",
-    options=_synthetic_options(),
+    options=_synthetic_options("regression"),
     **SYNTHETIC_DEFAULTS,
 )
 def _synthetic(request: StreamRequest) -> MultimodalDataset:
@@ -79,7 +83,7 @@ def _synthetic(request: StreamRequest) -> MultimodalDataset:
 @STREAMS.register(
     "synthetic-cls",
     "embedded seeded 4-class stream (IEMOCAP-like, no download)",
-    options=_synthetic_options(),
+    options=_synthetic_options("classification"),
     **SYNTHETIC_DEFAULTS,
 )
 def _synthetic_cls(request: StreamRequest) -> MultimodalDataset:

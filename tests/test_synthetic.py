@@ -168,3 +168,18 @@ def test_dataset_metadata(regression) -> None:
     assert regression.name == "synthetic"
     assert "synthetic" in regression.source and "seed 0" in regression.source
     assert regression.validate() is regression
+
+
+def test_num_classes_is_an_option_of_the_classification_stream_only(tmp_path) -> None:
+    from cmmm.errors import ConfigError
+    from streams.catalog import STREAMS, StreamRequest
+
+    assert "num_classes" in STREAMS.get("synthetic-cls").options
+    assert "num_classes" not in STREAMS.get("synthetic").options
+
+    def request(**options: object) -> StreamRequest:
+        return StreamRequest(tmp_path, tmp_path, log=lambda _: None, options=options)
+
+    assert STREAMS.get("synthetic-cls").factory(request(num_classes=3, n_train=60)).num_classes == 3
+    with pytest.raises(ConfigError, match="unknown stream options \\['num_classes'\\]"):
+        STREAMS.get("synthetic").factory(request(num_classes=3))
