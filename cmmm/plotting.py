@@ -435,59 +435,140 @@ def strategy_comparison(runs: Sequence[Results], strategies: Sequence[str] | Non
     )
 
 
+# Beyond this many groups the labels no longer fit side by side: one row per group instead.
+HORIZONTAL_ABOVE_GROUPS = 8
+_COMPARED_METRICS = (
+    ("aa", "AA: final average accuracy (%)", "AA (%)"),
+    ("fm", "FM: forgetting, lower is better (pp)", "FM (percentage points)"),
+)
+
+
+@dataclass(frozen=True)
+class _GroupValues:
+    """One group's values of one metric, as drawn and as written in its label."""
+
+    values: np.ndarray
+    runs: int
+
+    @property
+    def mean(self) -> float:
+        return float(self.values.mean())
+
+    @property
+    def std(self) -> float:
+        return float(self.values.std(ddof=1)) if self.values.size > 1 else 0.0
+
+    @property
+    def seeds(self) -> str:
+        return f"n={self.runs} seed{'s' if self.runs > 1 else ''}"
+
+    @property
+    def text(self) -> str:
+        return f"{self.mean:.2f} ± {self.std:.2f}" if self.values.size > 1 else f"{self.mean:.2f}"
+
+
+def _group_values(group: RunGroup, key: str) -> _GroupValues:
+    values = [r.data.get(key) for r in group.runs if r.data.get(key) is not None]
+    return _GroupValues(np.array(values, dtype=np.float64), len(group.runs))
+
+
 def comparison_figure(groups: Sequence[RunGroup], what: str) -> Figure:
-    """AA and FM per group of runs (a strategy, an experiment's row): mean ± std, seeds as dots."""
+    """AA and FM per group of runs (a strategy, an experiment's row): mean ± std, seeds as dots.
+
+    Up to ``HORIZONTAL_ABOVE_GROUPS`` groups stand side by side with their values in the tick
+    labels; more (a whole Table 2) get one row each, the value written beside the point.
+    """
     import matplotlib
 
     first = groups[0].runs[0]
-    x = np.arange(len(groups))
-    # Wide enough for a readable label per group, but never wider than a page.
-    width = min(max(9.0, 2.0 + 2.6 * len(groups)), 20.0)
+    horizontal = len(groups) > HORIZONTAL_ABOVE_GROUPS
     style = {**_STYLE, "xtick.labelsize": 10 if len(groups) <= 5 else 8}
     with matplotlib.rc_context(style):
-        fig = _new_figure(width, 5.6)
-        axes = fig.subplots(1, 2)
-        metrics = [
-            ("aa", "AA: final average accuracy (%)", "AA (%)"),
-            ("fm", "FM: forgetting, lower is better (pp)", "FM (percentage points)"),
-        ]
-        for ax, (key, title, ylabel) in zip(axes, metrics, strict=True):
-            labels = []
-            for k, group in enumerate(groups):
-                values = np.array(
-                    [r.data.get(key) for r in group.runs if r.data.get(key) is not None],
-                    dtype=np.float64,
-                )
-                n = len(group.runs)
-                seeds = f"n={n} seed{'s' if n > 1 else ''}"
-                if values.size == 0:
-                    labels.append(f"{group.label}\nn/a{' (joint)' if group.joint else ''}\n{seeds}")
-                    continue
-                mean = float(values.mean())
-                std = float(values.std(ddof=1)) if values.size > 1 else 0.0
-                bar = ax.errorbar(
-                    [k],
-                    [mean],
-                    yerr=[std] if values.size > 1 else None,
-                    fmt="o",
-                    color="C0",
-                    markersize=9,
-                    capsize=8,
-                    elinewidth=2,
-                )
-                bar.lines[0].set_gid(f"{key}|{group.label}")  # the mean marker
-                jitter = np.linspace(-0.1, 0.1, values.size) if values.size > 1 else [0.0]
-                ax.scatter(k + np.asarray(jitter) + 0.25, values, s=22, color="0.45", zorder=3)
-                value = f"{mean:.2f} ± {std:.2f}" if values.size > 1 else f"{mean:.2f}"
-                labels.append(f"{group.label}\n{value}\n{seeds}")
-            ax.set_xticks(x, labels)
-            ax.set_xlim(-0.6, len(groups) - 0.4)
-            ax.margins(y=0.15)
+        if horizontal:
+            fig = _new_figure(14.0, 1.6 + 0.42 * len(groups))
+            axes = fig.subplots(1, 2, sharey=True)
+        else:
+            # Wide enough for a readable label per group, but never wider than a page.
+            fig = _new_figure(min(max(9.0, 2.0 + 2.6 * len(groups)), 20.0), 5.6)
+            axes = fig.subplots(1, 2)
+        for ax, (key, title, axis_label) in zip(axes, _COMPARED_METRICS, strict=True):
+            if horizontal:
+                _draw_comparison_rows(ax, groups, key, first_panel=ax is axes[0])
+                ax.set_xlabel(axis_label)
+            else:
+                _draw_comparison_columns(ax, groups, key)
+                ax.set_ylabel(axis_label)
             ax.set_title(title, loc="left")
-            ax.set_ylabel(ylabel)
-            ax.grid(True, axis="y", alpha=0.3)
         fig.suptitle(figure_title(first, what))
     return fig
+
+
+def _draw_comparison_columns(ax: Any, groups: Sequence[RunGroup], key: str) -> None:
+    labels = []
+    for k, group in enumerate(groups):
+        drawn = _group_values(group, key)
+        if drawn.values.size == 0:
+            labels.append(f"{group.label}\nn/a{' (joint)' if group.joint else ''}\n{drawn.seeds}")
+            continue
+        bar = ax.errorbar(
+            [k],
+            [drawn.mean],
+            yerr=[drawn.std] if drawn.values.size > 1 else None,
+            fmt="o",
+            color="C0",
+            markersize=9,
+            capsize=8,
+            elinewidth=2,
+        )
+        bar.lines[0].set_gid(f"{key}|{group.label}")  # the mean marker
+        jitter = np.linspace(-0.1, 0.1, drawn.values.size) if drawn.values.size > 1 else [0.0]
+        ax.scatter(k + np.asarray(jitter) + 0.25, drawn.values, s=22, color="0.45", zorder=3)
+        labels.append(f"{group.label}\n{drawn.text}\n{drawn.seeds}")
+    ax.set_xticks(np.arange(len(groups)), labels)
+    ax.set_xlim(-0.6, len(groups) - 0.4)
+    ax.margins(y=0.15)
+    ax.grid(True, axis="y", alpha=0.3)
+
+
+def _draw_comparison_rows(ax: Any, groups: Sequence[RunGroup], key: str, first_panel: bool) -> None:
+    from matplotlib.transforms import blended_transform_factory
+
+    # Row positions in axes x, data y: where "n/a" goes for a group with no value.
+    row_start = blended_transform_factory(ax.transAxes, ax.transData)
+    labels = []
+    for k, group in enumerate(groups):
+        drawn = _group_values(group, key)
+        labels.append(f"{group.label} ({drawn.seeds})")
+        if drawn.values.size == 0:
+            note = f"n/a{' (joint)' if group.joint else ''}"
+            ax.text(0.02, k, note, transform=row_start, va="center", color="0.35", fontsize=9)
+            continue
+        bar = ax.errorbar(
+            [drawn.mean],
+            [k],
+            xerr=[drawn.std] if drawn.values.size > 1 else None,
+            fmt="o",
+            color="C0",
+            markersize=7,
+            capsize=4,
+            elinewidth=1.5,
+        )
+        bar.lines[0].set_gid(f"{key}|{group.label}")  # the mean marker
+        jitter = np.linspace(-0.08, 0.08, drawn.values.size) if drawn.values.size > 1 else [0.0]
+        ax.scatter(drawn.values, k + np.asarray(jitter) + 0.25, s=14, color="0.45", zorder=3)
+        ax.annotate(
+            drawn.text,
+            (drawn.mean + drawn.std, k),
+            xytext=(6, 0),
+            textcoords="offset points",
+            va="center",
+            fontsize=8,
+        )
+    if first_panel:
+        ax.set_yticks(np.arange(len(groups)), labels)
+        ax.set_ylim(len(groups) - 0.4, -0.6)  # the first group on top
+    ax.margins(x=0.18)
+    ax.grid(True, axis="x", alpha=0.3)
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from cmmm.cli import app
 from cmmm.errors import ConfigError, DataError
 from cmmm.plotting import (
+    HORIZONTAL_ABOVE_GROUPS,
     accuracy_heatmap,
     forgetting_curves,
     plot,
@@ -186,6 +187,31 @@ def test_compare_shows_aa_and_fm_with_spread(runs_dir: Path) -> None:
     fm_ticks = [t.get_text() for t in fig.axes[1].get_xticklabels()]
     assert "n/a (joint)" in fm_ticks[-1]  # joint last, no forgetting
     assert not [ln for ln in fig.axes[1].get_lines() if ln.get_gid() == "fm|joint"]
+
+
+def test_compare_of_many_strategies_draws_one_row_each(tmp_path: Path) -> None:
+    # A whole Table 2 does not fit side by side: one row per strategy, first strategy on top.
+    names = [f"s{k:02d}" for k in range(HORIZONTAL_ABOVE_GROUPS + 1)]
+    for k, name in enumerate(names):
+        shifted = [[v + k for v in row] for row in NAIVE_0]
+        write_run(tmp_path, name, 0, shifted)
+        write_run(tmp_path, name, 1, NAIVE_0)
+    write_run(tmp_path, "joint", 0, JOINT, joint=True)
+    fig = strategy_comparison(find_results([tmp_path]))
+    for k, name in enumerate(names):
+        aa = [metrics(NAIVE_0, False)["aa"] + k, metrics(NAIVE_0, False)["aa"]]
+        marker = line(fig, f"aa|{name}")
+        assert marker.get_xdata()[0] == pytest.approx(np.mean(aa))
+        assert marker.get_ydata()[0] == k
+        assert f"{np.mean(aa):.2f} ± {np.std(aa, ddof=1):.2f}" in [
+            t.get_text() for t in fig.axes[0].texts
+        ]
+    rows = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert rows == [f"{name} (n=2 seeds)" for name in names] + ["joint (n=1 seed)"]
+    bottom, top = fig.axes[0].get_ylim()
+    assert top < bottom  # the first row on top
+    assert "n/a (joint)" in [t.get_text() for t in fig.axes[1].texts]
+    assert fig.axes[0].get_xlabel() == "AA (%)"
 
 
 def test_plot_all_writes_valid_png_and_svg(runs_dir: Path, tmp_path: Path) -> None:
