@@ -777,14 +777,15 @@ def compare(
 
         if task_order != "default":
             raise ConfigError("--orders draws the task orders; do not also give --task-order")
-        num_tasks = len(load_stream(base.resolved(), log=lambda _m: None).tasks)
+        task_codes = [task.code for task in load_stream(base.resolved(), log=lambda _m: None).tasks]
         by_order = compare_orders(
             base,
             names,
             list(range(seeds)),
-            random_task_orders(orders, num_tasks, order_seed),
+            random_task_orders(orders, len(task_codes), order_seed),
             log=lambda m: console.print(m, highlight=False),
             finished_only=finished_only,
+            task_codes=task_codes,
         )
         markdown_path, csv_path = by_order.write(out)
         print(by_order.markdown(), end="")

@@ -368,6 +368,14 @@ class OrderComparison:
     seeds: list[int]
     comparisons: list[Comparison]
     rows: list[OrderRow]
+    # The default order's task codes, so that an order reads as patterns ("at > t > av ...").
+    task_codes: list[str] | None = None
+
+    def described_order(self, order: str) -> str:
+        if not self.task_codes:
+            return f"`{order}`"
+        codes = " > ".join(self.task_codes[int(i) - 1] for i in order.split(","))
+        return f"`{order}` ({codes})"
 
     def markdown(self) -> str:
         header = ["method", "AA (%)", "FM", "worst AA", "worst FM", "orders"]
@@ -379,7 +387,7 @@ class OrderComparison:
             "per-order means across orders, and the worst order.",
             "",
             "Orders (1-based indices into the default order): "
-            + "; ".join(f"`{o}`" for o in self.orders),
+            + "; ".join(self.described_order(o) for o in self.orders),
             "",
             "| " + " | ".join(header) + " |",
             "|---" + "|---:" * (len(header) - 1) + "|",
@@ -417,8 +425,12 @@ def compare_orders(
     orders: Sequence[str],
     log: Callable[[str], None] = print,
     finished_only: bool = False,
+    task_codes: Sequence[str] | None = None,
 ) -> OrderComparison:
-    """``compare`` once per task order (runs reused by key as always), then across orders."""
+    """``compare`` once per task order (runs reused by key as always), then across orders.
+
+    ``task_codes``: the default order's task codes, only to name the orders in the table.
+    """
     comparisons = []
     for index, order in enumerate(orders, start=1):
         log(f"task order {index}/{len(orders)}: {order}")
@@ -438,4 +450,5 @@ def compare_orders(
                 if row.aggregate.fm:
                     fm.append(statistics.mean(row.aggregate.fm))
         rows.append(OrderRow(strategy, aa, fm, failed))
-    return OrderComparison(base.stream, list(orders), list(seeds), comparisons, rows)
+    codes = list(task_codes) if task_codes is not None else None
+    return OrderComparison(base.stream, list(orders), list(seeds), comparisons, rows, codes)

@@ -308,12 +308,19 @@ def test_compare_orders_reports_the_spread_across_orders(tmp_path: Path, monkeyp
 
 
 def test_cli_compare_orders(tmp_path: Path, monkeypatch) -> None:
+    from cmmm.comparison import random_task_orders
+
     monkeypatch.setattr(cmmm.running, "run", order_dependent_run)
     args = ["compare", "--strategies", "naive", "--seeds", "1", "--epochs", "1"]
     args += ["--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]
     result = CliRunner().invoke(app, [*args, "--orders", "2"])
     assert result.exit_code == 0, result.output
     assert "robustness to the task order" in result.stdout
-    assert (tmp_path / "compare-synthetic-orders2.md").exists()
+    written = (tmp_path / "compare-synthetic-orders2.md").read_text()
+    # Each order is also written as its patterns, in the order the tasks are trained.
+    codes = ["avt", "vt", "av", "at", "a", "v", "t"]
+    for order in random_task_orders(2, 7, 0):
+        patterns = " > ".join(codes[int(i) - 1] for i in order.split(","))
+        assert f"`{order}` ({patterns})" in written
     result = CliRunner().invoke(app, [*args, "--orders", "2", "--task-order", "t,a"])
     assert result.exit_code == 2 and "--task-order" in result.output
