@@ -503,6 +503,33 @@ def comparison_figure(groups: Sequence[RunGroup], what: str) -> Figure:
     return fig
 
 
+def _draw_group_point(
+    ax: Any, position: int, drawn: _GroupValues, gid: str, horizontal: bool
+) -> None:
+    """The mean with a ± std bar at ``position``, and each seed as a grey dot beside it."""
+    # Rows are packed closer than columns: smaller marks keep them apart.
+    size = (
+        {"markersize": 7, "capsize": 4, "elinewidth": 1.5}
+        if horizontal
+        else {
+            "markersize": 9,
+            "capsize": 8,
+            "elinewidth": 2,
+        }
+    )
+    spread = [drawn.std] if drawn.values.size > 1 else None
+    half_width = 0.08 if horizontal else 0.1
+    jitter = np.linspace(-half_width, half_width, drawn.values.size) if spread else np.zeros(1)
+    beside = position + jitter + 0.25
+    if horizontal:
+        bar = ax.errorbar([drawn.mean], [position], xerr=spread, fmt="o", color="C0", **size)
+        ax.scatter(drawn.values, beside, s=14, color="0.45", zorder=3)
+    else:
+        bar = ax.errorbar([position], [drawn.mean], yerr=spread, fmt="o", color="C0", **size)
+        ax.scatter(beside, drawn.values, s=22, color="0.45", zorder=3)
+    bar.lines[0].set_gid(gid)  # the mean marker
+
+
 def _draw_comparison_columns(ax: Any, groups: Sequence[RunGroup], key: str) -> None:
     labels = []
     for k, group in enumerate(groups):
@@ -510,19 +537,7 @@ def _draw_comparison_columns(ax: Any, groups: Sequence[RunGroup], key: str) -> N
         if drawn.values.size == 0:
             labels.append(f"{group.label}\nn/a{' (joint)' if group.joint else ''}\n{drawn.seeds}")
             continue
-        bar = ax.errorbar(
-            [k],
-            [drawn.mean],
-            yerr=[drawn.std] if drawn.values.size > 1 else None,
-            fmt="o",
-            color="C0",
-            markersize=9,
-            capsize=8,
-            elinewidth=2,
-        )
-        bar.lines[0].set_gid(f"{key}|{group.label}")  # the mean marker
-        jitter = np.linspace(-0.1, 0.1, drawn.values.size) if drawn.values.size > 1 else [0.0]
-        ax.scatter(k + np.asarray(jitter) + 0.25, drawn.values, s=22, color="0.45", zorder=3)
+        _draw_group_point(ax, k, drawn, f"{key}|{group.label}", horizontal=False)
         labels.append(f"{group.label}\n{drawn.text}\n{drawn.seeds}")
     ax.set_xticks(np.arange(len(groups)), labels)
     ax.set_xlim(-0.6, len(groups) - 0.4)
@@ -543,19 +558,7 @@ def _draw_comparison_rows(ax: Any, groups: Sequence[RunGroup], key: str, first_p
             note = f"n/a{' (joint)' if group.joint else ''}"
             ax.text(0.02, k, note, transform=row_start, va="center", color="0.35", fontsize=9)
             continue
-        bar = ax.errorbar(
-            [drawn.mean],
-            [k],
-            xerr=[drawn.std] if drawn.values.size > 1 else None,
-            fmt="o",
-            color="C0",
-            markersize=7,
-            capsize=4,
-            elinewidth=1.5,
-        )
-        bar.lines[0].set_gid(f"{key}|{group.label}")  # the mean marker
-        jitter = np.linspace(-0.08, 0.08, drawn.values.size) if drawn.values.size > 1 else [0.0]
-        ax.scatter(drawn.values, k + np.asarray(jitter) + 0.25, s=14, color="0.45", zorder=3)
+        _draw_group_point(ax, k, drawn, f"{key}|{group.label}", horizontal=True)
         ax.annotate(
             drawn.text,
             (drawn.mean + drawn.std, k),
