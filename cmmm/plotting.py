@@ -503,30 +503,34 @@ def comparison_figure(groups: Sequence[RunGroup], what: str) -> Figure:
     return fig
 
 
+@dataclass(frozen=True)
+class _Marks:
+    errorbar: dict[str, float]
+    seed_dot: float
+    seed_jitter: float
+
+
+# Rows are packed closer than columns: smaller marks keep them apart.
+_COLUMN_MARKS = _Marks({"markersize": 9, "capsize": 8, "elinewidth": 2}, 22, 0.1)
+_ROW_MARKS = _Marks({"markersize": 7, "capsize": 4, "elinewidth": 1.5}, 14, 0.08)
+
+
 def _draw_group_point(
     ax: Any, position: int, drawn: _GroupValues, gid: str, horizontal: bool
 ) -> None:
     """The mean with a ± std bar at ``position``, and each seed as a grey dot beside it."""
-    # Rows are packed closer than columns: smaller marks keep them apart.
-    size = (
-        {"markersize": 7, "capsize": 4, "elinewidth": 1.5}
-        if horizontal
-        else {
-            "markersize": 9,
-            "capsize": 8,
-            "elinewidth": 2,
-        }
-    )
+    marks = _ROW_MARKS if horizontal else _COLUMN_MARKS
     spread = [drawn.std] if drawn.values.size > 1 else None
-    half_width = 0.08 if horizontal else 0.1
+    half_width = marks.seed_jitter
     jitter = np.linspace(-half_width, half_width, drawn.values.size) if spread else np.zeros(1)
     beside = position + jitter + 0.25
+    style = {"fmt": "o", "color": "C0", **marks.errorbar}
     if horizontal:
-        bar = ax.errorbar([drawn.mean], [position], xerr=spread, fmt="o", color="C0", **size)
-        ax.scatter(drawn.values, beside, s=14, color="0.45", zorder=3)
+        bar = ax.errorbar([drawn.mean], [position], xerr=spread, **style)
+        ax.scatter(drawn.values, beside, s=marks.seed_dot, color="0.45", zorder=3)
     else:
-        bar = ax.errorbar([position], [drawn.mean], yerr=spread, fmt="o", color="C0", **size)
-        ax.scatter(beside, drawn.values, s=22, color="0.45", zorder=3)
+        bar = ax.errorbar([position], [drawn.mean], yerr=spread, **style)
+        ax.scatter(beside, drawn.values, s=marks.seed_dot, color="0.45", zorder=3)
     bar.lines[0].set_gid(gid)  # the mean marker
 
 

@@ -43,25 +43,23 @@ STREAMS: Registry[Loader] = Registry("stream")
 SYNTHETIC_DEFAULTS = {"epochs": 5, "pretrain_epochs": 10}
 
 
-def _synthetic_option_names(task_type: str) -> list[str]:
+def _synthetic_options(task_type: str) -> dict[str, str]:
+    """The options a synthetic stream of this task type accepts, with their defaults."""
     from streams.synthetic import SyntheticSpec
 
     # A regression stream has no classes: listing num_classes there would invite a no-op option.
     fixed = {"task_type"} if task_type == "classification" else {"task_type", "num_classes"}
-    return [f.name for f in dataclasses.fields(SyntheticSpec) if f.name not in fixed]
-
-
-def _synthetic_options(task_type: str) -> dict[str, str]:
-    from streams.synthetic import SyntheticSpec
-
-    defaults = {f.name: f.default for f in dataclasses.fields(SyntheticSpec)}
-    return {name: f"default {defaults[name]!r}" for name in _synthetic_option_names(task_type)}
+    return {
+        f.name: f"default {f.default!r}"
+        for f in dataclasses.fields(SyntheticSpec)
+        if f.name not in fixed
+    }
 
 
 def _synthetic_spec(request: StreamRequest, task_type: str):
     from streams.synthetic import SyntheticSpec
 
-    options = request.take_options(set(_synthetic_option_names(task_type)))
+    options = request.take_options(set(_synthetic_options(task_type)))
     for key in ("modalities", "seq_lens", "feature_dims", "signal"):
         if key in options:
             options[key] = tuple(options[key])
