@@ -6,11 +6,12 @@ From Python: ``cmmm.run(...)`` trains and scores one configuration and returns i
 
 from typing import Any
 
-from cmmm.torchvision_compat import ensure_torchvision_importable
+from cmmm.torchvision_compat import fix_torchvision_on_first_import
 
 # torchmetrics, transformers and avalanche all import torchvision; on a CPU-only torch its
-# import needs a fix that must come before any of them (see cmmm.torchvision_compat).
-ensure_torchvision_importable()
+# import needs a fix that must come before any of them (see cmmm.torchvision_compat). It is
+# applied at that first import, not here: importing cmmm stays free of torch.
+fix_torchvision_on_first_import()
 
 _API = {
     "run": "cmmm.api",

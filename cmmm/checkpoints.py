@@ -34,9 +34,9 @@ from cmmm.errors import CheckpointError
 CHECKPOINT_FILE = "checkpoint.pt"
 # Bumped whenever the layout below changes; an older file is refused with a clear message.
 CHECKPOINT_FORMAT = 1
-# RunConfig fields that say where things are, not what the run computes (RunConfig.key() ignores
-# them too): they may change between sessions.
-LOCATION_FIELDS = ("out", "data_dir", "cache_dir", "device")
+# RunConfig fields that say where and how a run is computed, not what it computes
+# (RunConfig.key() ignores them too): they may change between sessions.
+LOCATION_FIELDS = ("out", "data_dir", "cache_dir", "device", "threads", "eval_batch_size")
 
 
 @dataclass

@@ -178,6 +178,13 @@ def run(
         Path, typer.Option(help="runs are written to OUT/<stream>-<strategy>-seed<seed>-<key>/")
     ] = Path("runs"),
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda[:N]")] = "auto",
+    threads: Annotated[
+        int,
+        typer.Option(
+            help="intra-op CPU threads of this run; 1 is fastest on a small shared machine "
+            "(run several runs side by side instead)"
+        ),
+    ] = 1,
     standardize: Annotated[
         bool, typer.Option(help="z-score every feature with train-split statistics")
     ] = True,
@@ -240,6 +247,7 @@ def run(
         "pretrain_epochs": pretrain_epochs,
         "out": str(out),
         "device": device,
+        "threads": threads,
         "data_dir": None if data_dir is None else str(data_dir),
         "cache_dir": None if cache_dir is None else str(cache_dir),
     }
@@ -283,7 +291,7 @@ def resumed_config(
     from cmmm.errors import CheckpointError
     from cmmm.running import RESULTS_FILE, resumable_config
 
-    allowed = {"resume", "data_dir", "cache_dir", "device"}
+    allowed = {"resume", "data_dir", "cache_dir", "device", "threads"}
     given = [n for n in ctx.params if n not in allowed and given_on_command_line(ctx, n)]
     if given:
         flags = ", ".join(
@@ -291,7 +299,7 @@ def resumed_config(
         )
         raise ConfigError(
             f"--resume continues a run with the configuration saved in its checkpoint; {flags} "
-            "cannot be given with it (only --data-dir, --cache-dir and --device can)"
+            "cannot be given with it (only --data-dir, --cache-dir, --device and --threads can)"
         )
     if not run_dir.is_dir():
         raise CheckpointError(f"--resume {run_dir}: no such run directory")
@@ -316,8 +324,9 @@ def resumed_config(
         )
         return None
     config = with_directories(config, data_dir, cache_dir)
-    if given_on_command_line(ctx, "device"):
-        config.device = ctx.params["device"]
+    for name in ("device", "threads"):
+        if given_on_command_line(ctx, name):
+            setattr(config, name, ctx.params[name])
     return config.validate()
 
 
@@ -418,33 +427,18 @@ def print_entries(entries: list[tuple[str, str, dict[str, str]]]) -> None:
 @reports_errors
 def list_strategies() -> None:
     """Every strategy `--strategy` accepts: what it is and its options (-o name=value)."""
-    from strategies import STRATEGIES
+    from cmmm.listing import stored_listing
 
-    entries = []
-    for entry in STRATEGIES:
-        strategy = entry.factory()
-        values, helps = strategy.options(), strategy.option_help()
-        options = {
-            name: f"{value!r}" + (f"  {helps[name]}" if name in helps else "")
-            for name, value in values.items()
-        }
-        entries.append((entry.name, entry.description, options))
-    print_entries(entries)
+    print_entries(stored_listing()["strategies"])
 
 
 @list_app.command("streams")
 @reports_errors
 def list_streams() -> None:
     """Every stream `--stream` accepts: what it is, its defaults and its stream options."""
-    from cmmm.running import PAPER_DEFAULTS
-    from streams.catalog import STREAMS
+    from cmmm.listing import stored_listing
 
-    entries = []
-    for entry in STREAMS:
-        defaults = ", ".join(f"{k} {v}" for k, v in {**PAPER_DEFAULTS, **entry.defaults}.items())
-        description = f"{entry.description} [defaults: {defaults}]"
-        entries.append((entry.name, description, dict(entry.options)))
-    print_entries(entries)
+    print_entries(stored_listing()["streams"])
 
 
 @data_app.command("download")
@@ -571,6 +565,21 @@ def data_encode_text(
         highlight=False,
         soft_wrap=True,
     )
+
+
+@benchmark_app.command("speed")
+@reports_errors
+def benchmark_speed(
+    rounds: Annotated[int, typer.Option(help="alternated rounds (min and median over them)")] = 5,
+    steps: Annotated[int, typer.Option(help="training steps timed per round and side")] = 20,
+    threads: Annotated[int, typer.Option(help="intra-op CPU threads")] = 1,
+) -> None:
+    """Training step and evaluation pass of the stacked MulT against the reference, on MOSI
+    shapes, for naive and ours."""
+    from cmmm.speed_benchmark import measure_speed
+
+    report = measure_speed(rounds=rounds, steps=steps, threads=threads)
+    Console(soft_wrap=True, markup=False).print(report.markdown())
 
 
 @benchmark_app.command("overhead")

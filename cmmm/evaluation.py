@@ -355,6 +355,7 @@ class Evaluator:
         self.family: MetricFamily = family
         self.num_classes = num_classes
         self.batch_size = batch_size
+        self._tensors: dict[str, tuple[Tensor, Tensor]] = {}
         self.device = torch.device(device)
         self.matrix = AccuracyMatrix(num_tasks=len(self.tasks), num_steps=num_steps)
         # step -> per-task metrics, in task order
@@ -364,23 +365,42 @@ class Evaluator:
     def task_names(self) -> list[str]:
         return [task.name for task in self.tasks]
 
+    def _task_tensors(self, task: EvalTask) -> tuple[Tensor, Tensor]:
+        """The task's whole test set as (x, y), read once and kept: a test set never changes,
+        and reading it sample by sample through a DataLoader costs more than the forward pass.
+        On a GPU the inputs are pinned so that the copy can overlap."""
+        if task.name not in self._tensors:
+            tensors = getattr(task.dataset, "tensors", None)
+            if callable(tensors):
+                x, y = tensors()
+            else:
+                loader = DataLoader(task.dataset, batch_size=self.batch_size, shuffle=False)
+                batches = [(batch[0], torch.as_tensor(batch[1])) for batch in loader]
+                if not batches:
+                    raise CmmmError(f"task {task.name!r}: the test set is empty")
+                x = torch.cat([b[0] for b in batches])
+                y = torch.cat([b[1] for b in batches])
+            if len(x) == 0:
+                raise CmmmError(f"task {task.name!r}: the test set is empty")
+            if self.device.type == "cuda":
+                x = x.pin_memory()
+            self._tensors[task.name] = (x, torch.as_tensor(y).cpu())
+        return self._tensors[task.name]
+
     def _predict(self, model: nn.Module, task: EvalTask) -> tuple[Tensor, Tensor]:
-        loader = DataLoader(task.dataset, batch_size=self.batch_size, shuffle=False)
+        x, targets = self._task_tensors(task)
         all_preds: list[Tensor] = []
-        all_targets: list[Tensor] = []
-        for batch in loader:
-            x, y = batch[0], batch[1]
-            output = model(x.to(self.device))
+        # One task per forward pass (a batch never mixes missing patterns, as in training), in
+        # chunks of ``batch_size`` samples.
+        for chunk in x.split(self.batch_size):
+            output = model(chunk.to(self.device, non_blocking=True))
             if not isinstance(output, Tensor):
                 raise CmmmError(
                     f"task {task.name!r}: the model returned {type(output).__name__}, "
                     "expected a tensor of shape (B,) or (B, C)"
                 )
-            all_preds.append(output.detach().float().cpu())
-            all_targets.append(torch.as_tensor(y).cpu())
-        if not all_preds:
-            raise CmmmError(f"task {task.name!r}: the test set is empty")
-        return torch.cat(all_preds), torch.cat(all_targets)
+            all_preds.append(output.detach().float())
+        return torch.cat(all_preds).cpu(), targets
 
     def evaluate(self, model: nn.Module) -> list[dict[str, float]]:
         """Per-task metrics of ``model`` in eval mode; each module's train/eval mode is restored."""

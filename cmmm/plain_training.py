@@ -11,6 +11,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from cmmm.optimizers import adam
+
 
 def train_epoch(
     model: nn.Module,
@@ -65,7 +67,7 @@ def fit(
     """
     device = next(model.parameters()).device
     x, y = (t.to(device) for t in train)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    optimizer = adam([p for p in model.parameters() if p.requires_grad], lr)
     generator = torch.Generator().manual_seed(seed)
     best_loss, best_state = None, None
     for epoch in range(epochs):

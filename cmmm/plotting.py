@@ -54,7 +54,7 @@ METRIC_LABELS = {
     "classification": "multiclass accuracy",
 }
 # Config keys that never change what a run computes; the rest (minus the seed) define a group.
-_NOT_SETTINGS = {"seed", "out", "data_dir", "cache_dir", "device", "eval_batch_size"}
+_NOT_SETTINGS = {"seed", "out", "data_dir", "cache_dir", "device", "eval_batch_size", "threads"}
 _STYLE = {
     "font.size": 11,
     "axes.titlesize": 12,

@@ -9,8 +9,12 @@ unusable; nothing here needs them. Only done when the plain import fails.
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import sys
 import warnings
+from types import ModuleType
 
 _OPERATOR_SCHEMAS = (
     "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
@@ -40,3 +44,36 @@ def ensure_torchvision_importable() -> None:
     for schema in _OPERATOR_SCHEMAS:
         _library.define(schema)
     import torchvision  # noqa: F401,F811
+
+
+class _AlreadyImported(importlib.abc.Loader):
+    """Hands the import system the module ``ensure_torchvision_importable`` just imported."""
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
+        return sys.modules[spec.name]
+
+    def exec_module(self, module: ModuleType) -> None:
+        pass
+
+
+class _FixOnFirstImport(importlib.abc.MetaPathFinder):
+    """Applies the fix when something first imports torchvision, so that importing cmmm (and
+    ``cmmm --help``) never pays for torch and torchvision."""
+
+    def find_spec(self, name: str, path: object, target: object = None) -> object:
+        if name != "torchvision":
+            return None
+        sys.meta_path.remove(self)
+        ensure_torchvision_importable()
+        if "torchvision" not in sys.modules:
+            return None  # not installed: the normal finders say so
+        return importlib.util.spec_from_loader(name, _AlreadyImported())
+
+
+def fix_torchvision_on_first_import() -> None:
+    """Arrange for ``ensure_torchvision_importable`` to run at the first ``import torchvision``
+    (by Avalanche, torchmetrics or transformers), or now if it was imported already."""
+    if "torchvision" in sys.modules:
+        return
+    if not any(isinstance(finder, _FixOnFirstImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _FixOnFirstImport())

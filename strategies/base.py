@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from cmmm.errors import ConfigError
+from cmmm.optimizers import adam
 from cmmm.registry import Registry
 from streams.missing_stream import MissingModalityStream
 
@@ -34,7 +35,7 @@ class StrategyContext:
     plugins: list[Any] = field(default_factory=list)
 
     def adam(self, parameters: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-        return torch.optim.Adam(parameters, lr=self.lr)
+        return adam(parameters, self.lr)
 
     def template_kwargs(self) -> dict[str, Any]:
         """Arguments every Avalanche template gets, identical across strategies."""

@@ -221,7 +221,9 @@ class MPLMMModel(PromptedModel):
         completed = self.complete_input(x)
         raw = prompts.type_prompts(presence, backbone.projections)
         prompts.current = {
-            (t, layer): backbone.memory[t].layers[layer].attention_norm(raw[t])
+            (t, layer): backbone.site_norm(
+                PromptSite(t, None, layer, backbone.memory_width), raw[t]
+            )
             for t in backbone.layout.modalities
             for layer in prompts.type_layers
         }

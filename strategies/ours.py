@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cmmm.backbone import MulT, PromptContext, PromptSite
+from cmmm.backbone import IndexedPrompt, MulT, PromptContext, PromptSite
 from cmmm.errors import ConfigError
 from strategies.base import STRATEGIES, Strategy, StrategyContext
 from strategies.options import Option, parse_comma_list, parse_layers
@@ -461,6 +461,11 @@ class OursPrompts(nn.Module):
         # is in the state dict and survives a checkpoint and resume.
         self.register_buffer("seen", torch.zeros(len(self.patterns), dtype=torch.bool))
         self._routes: dict[tuple[bool, ...], Tensor] = {}
+        # Per forward pass (see _batch_prompts); never copied, pickled or saved.
+        self._batch_cache: _BatchPrompts | None = None
+        # The seen flags as a tuple, read from the buffer once after each change rather than at
+        # every step (reading a device tensor on the host would synchronise a GPU).
+        self._seen_flags: tuple[bool, ...] | None = None
 
         std, shape = options.prompt_init_std, (self.length, width)
         # Parameters are created in a fixed order (modalities, keys, patterns in all_patterns
@@ -488,8 +493,10 @@ class OursPrompts(nn.Module):
         bits = (presence > 0.5).long()
         powers = 2 ** torch.arange(bits.shape[1], device=bits.device)
         index = self._lookup.to(bits.device)[(bits * powers).sum(dim=1)]
-        if (index < 0).any():
-            raise ConfigError("a sample has every modality missing; no prompt set exists for it")
+        # Checked on the device: no host synchronisation inside a training step.
+        torch._assert_async(
+            (index >= 0).all(), "a sample has every modality missing; no prompt set exists for it"
+        )
         return index
 
     def sample_indices(self, ctx: PromptContext) -> Tensor:
@@ -504,19 +511,21 @@ class OursPrompts(nn.Module):
 
     def mark_seen(self, pattern: Pattern) -> None:
         self.seen[self.pattern_index[tuple(pattern)]] = True
+        self._seen_flags = None
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._seen_flags = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_batch_cache"] = None
+        return state
 
     def task_specific_indices(self, indices: Tensor) -> Tensor:
         """Each sample's task-specific set: its own pattern's, or under ``unseen_patterns=
         "nearest"`` the nearest seen pattern's when its own has not been trained."""
-        seen = tuple(bool(v) for v in self.seen.tolist())
-        if self.unseen_rule == "own" or not any(seen) or all(seen):
-            return indices
-        if seen not in self._routes:
-            trained = [p for p, s in zip(self.patterns, seen, strict=True) if s]
-            self._routes[seen] = torch.tensor(
-                [self.pattern_index[nearest_pattern(p, trained)] for p in self.patterns]
-            )
-        return self._routes[seen].to(indices.device)[indices]
+        return self.task_specific_routes().to(indices.device)[indices]
 
     def task_aware_all(self) -> Tensor:
         """(K, L or M*L, d): the task-aware prompt of every pattern (``self.patterns`` order)."""
@@ -559,26 +568,87 @@ class OursPrompts(nn.Module):
 
     # --- the hook ------------------------------------------------------------------------------
 
-    def prompt_for(self, site: PromptSite, ctx: PromptContext) -> Tensor | None:
+    def prompt_for(self, site: PromptSite, ctx: PromptContext) -> Tensor | IndexedPrompt | None:
         if not site.is_cross:
             return None
-        kinds = [kind for kind in self.order if site.layer in self.layers[kind]]
+        kinds = tuple(kind for kind in self.order if site.layer in self.layers[kind])
         if not kinds:
             return None
         if site.width != self.width:
             raise ConfigError(f"prompts have width {self.width}, site {site.name} {site.width}")
-        indices = self.sample_indices(ctx)
-        branch = self.modalities.index(site.target)
-        parts = []
-        for kind in kinds:
-            if kind == "m":
-                prompt = self.modality[site.target].unsqueeze(0).expand(ctx.batch_size, -1, -1)
-            elif kind == "ta":
-                prompt = self.task_aware_all()[indices]
+        return self._batch_prompts(ctx).prompt(site.target, kinds)
+
+    def _batch_prompts(self, ctx: PromptContext) -> _BatchPrompts:
+        """This forward pass's prompts, computed at its first site and reused at the others
+        (the backbone makes one context per pass)."""
+        cached = self._batch_cache
+        if (
+            cached is None
+            or cached.context is not ctx
+            or cached.oracle_indices is not self.oracle_indices
+        ):
+            cached = _BatchPrompts(self, ctx)
+            self._batch_cache = cached
+        return cached
+
+    def task_specific_routes(self) -> Tensor:
+        """(K,) the pattern whose task-specific set each pattern uses (itself, or under
+        ``unseen_patterns="nearest"`` the nearest seen pattern until its own is trained)."""
+        if self._seen_flags is None:
+            self._seen_flags = tuple(bool(v) for v in self.seen.tolist())
+        seen = self._seen_flags
+        if seen not in self._routes:
+            trained = [p for p, s in zip(self.patterns, seen, strict=True) if s]
+            route = range(len(self.patterns))
+            if self.unseen_rule != "own" and any(seen) and not all(seen):
+                route = [self.pattern_index[nearest_pattern(p, trained)] for p in self.patterns]
+            self._routes[seen] = torch.tensor(list(route))
+        return self._routes[seen]
+
+
+class _BatchPrompts:
+    """The prompts of one forward pass as K distinct rows (one per missing pattern) and each
+    sample's pattern index, so the backbone projects each pattern's prompt once per batch."""
+
+    def __init__(self, prompts: OursPrompts, ctx: PromptContext) -> None:
+        self.context = ctx
+        self.oracle_indices = prompts.oracle_indices
+        self.owner = prompts
+        self.index = prompts.sample_indices(ctx)
+        self._per_kind: dict[str, Tensor] = {}
+        self._tokens: dict[tuple[str, tuple[str, ...]], Tensor | IndexedPrompt] = {}
+
+    def _rows(self, kind: str) -> Tensor:
+        """(K, M or 1, P, d) for "ta" and "ts": every pattern's prompt of that kind."""
+        if kind not in self._per_kind:
+            owner = self.owner
+            if kind == "ta":
+                rows = owner.task_aware_all()[:, None]
             else:
-                prompt = self.task_specific_all()[self.task_specific_indices(indices), branch]
-            parts.append(prompt)
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+                routes = owner.task_specific_routes().to(self.index.device)
+                rows = owner.task_specific_all()[routes]
+            self._per_kind[kind] = rows
+        return self._per_kind[kind]
+
+    def prompt(self, target: str, kinds: tuple[str, ...]) -> Tensor | IndexedPrompt:
+        key = (target, kinds)
+        if key not in self._tokens:
+            owner = self.owner
+            if kinds == ("m",):
+                self._tokens[key] = owner.modality[target]
+            else:
+                branch = owner.modalities.index(target)
+                count = len(owner.patterns)
+                parts = []
+                for kind in kinds:
+                    if kind == "m":
+                        parts.append(owner.modality[target].expand(count, -1, -1))
+                    else:
+                        rows = self._rows(kind)
+                        parts.append(rows[:, branch if rows.shape[1] > 1 else 0])
+                tokens = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+                self._tokens[key] = IndexedPrompt(tokens, self.index)
+        return self._tokens[key]
 
 
 class CompositionalPrompts(OursPrompts):

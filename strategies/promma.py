@@ -314,27 +314,13 @@ class ProMMAModel(PromptedModel):
         logits = prompts.evaluator_logits(pooled, presence)
         prompts.scales = prompts.private_scales(presence, logits)
         prompts.pooled = pooled
-        handles = []
-
-        def recorder(key: tuple[str, str]) -> Any:
-            def record(module: nn.Module, args: Any, output: Tensor) -> None:
-                prompts.cross_outputs[key] = output
-
-            return record
-
         try:
-            for target in backbone.layout.modalities:
-                for source in backbone.layout.modalities:
-                    if source != target:
-                        encoder = backbone.cross[target][source]
-                        handles.append(encoder.register_forward_hook(recorder((target, source))))
-            try:
-                with backbone.using_prompt_hook(prompts.prompt_for):
-                    output = backbone(x)
-            finally:
-                # Before the auxiliary loss: its frozen passes must not overwrite the outputs.
-                for handle in handles:
-                    handle.remove()
+            # The recording fills cross_outputs before any memory site is asked for its prompt.
+            with backbone.recording() as recording, backbone.using_prompt_hook(prompts.prompt_for):
+                prompts.cross_outputs = recording.cross_outputs
+                output = backbone(x)
+            # Before the auxiliary loss: its frozen passes must not overwrite the outputs.
+            prompts.cross_outputs = dict(recording.cross_outputs)
             self.aux_loss = self.auxiliary_loss(x, logits, presence) if self.training else None
             return output
         finally:

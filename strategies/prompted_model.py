@@ -31,11 +31,11 @@ import functools
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
-import torch
 from torch import Tensor, nn
 
 from cmmm.backbone import MulT, PromptContext, PromptSite
 from cmmm.errors import ConfigError
+from cmmm.optimizers import adam
 from strategies.base import StrategyContext
 
 # Which of MulT's head layers train, by option value.
@@ -115,7 +115,7 @@ class _RequiresGradAdam:
         params = trainable_parameters(self.model)  # type: ignore[attr-defined]
         if not params:
             raise ConfigError("nothing to train: every parameter of the model is frozen")
-        self.optimizer = torch.optim.Adam(params, lr=self.adam_lr)
+        self.optimizer = adam(params, self.adam_lr)
 
 
 @functools.cache
@@ -160,4 +160,4 @@ def make_prompt_template(
     if not params:
         raise ConfigError("nothing to train: every parameter of the model is frozen")
     cls = joint_training if joint else naive
-    return cls(model=model, optimizer=torch.optim.Adam(params, lr=ctx.lr), adam_lr=ctx.lr, **kwargs)
+    return cls(model=model, optimizer=adam(params, ctx.lr), adam_lr=ctx.lr, **kwargs)

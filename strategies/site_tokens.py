@@ -1,25 +1,23 @@
-"""What the frozen backbone feeds its cross-modal attentions, read with forward pre-hooks.
+"""What the frozen backbone feeds its cross-modal attentions, read from its recording.
 
 MemPrompt and AOEPT condition their prompts on "modality m's tokens at layer l". In MulT,
 modality m's tokens at layer l are the key/value tokens of the cross-modal transformers whose
 source is m: layer l's own LayerNorm of the embedded sequence of m, one copy per target (M-1 of
 them, differing only by that LayerNorm). ``frozen_site_tokens`` runs the backbone once without
-prompts (``strategies.l2p.frozen_query``: eval mode, no gradient) with forward pre-hooks on the
-attention modules of the requested layers and returns the key/value tokens each one received.
-Nothing of the backbone is re-implemented or modified, and the hooks are removed before
-returning. A modality that is missing has its zero-filled block here, so its tokens are the
-LayerNorm of the positional embedding alone: the same for every sample.
+prompts (``strategies.l2p.frozen_query``: eval mode, no gradient) inside
+``MulT.recording()`` and returns the key/value tokens each cross-modal layer received. Nothing of
+the backbone is re-implemented or modified. A modality that is missing has its zero-filled block
+here, so its tokens are the LayerNorm of the positional embedding alone: the same for every
+sample.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from cmmm.backbone import MulT
-from cmmm.errors import ConfigError
 from strategies.l2p import frozen_query
 
 # (target, source, cross-modal layer) -> (B, L_source, d) key/value tokens.
@@ -29,36 +27,10 @@ SiteTokens = dict[tuple[str, str, int], Tensor]
 def frozen_site_tokens(backbone: MulT, x: Tensor, layers: Sequence[int]) -> SiteTokens:
     """The key/value tokens of every cross-modal transformer at ``layers``, for the packed input
     ``x``, from one prompt-free pass of the frozen backbone."""
-    captured: SiteTokens = {}
-    handles = []
-
-    def grabber(key: tuple[str, str, int]) -> Any:
-        def grab(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if len(args) < 2:
-                raise ConfigError(
-                    "the backbone's attention no longer receives (query, key_value, ...) "
-                    "positionally; update strategies/site_tokens.py to read its key/value input"
-                )
-            captured[key] = args[1]
-
-        return grab
-
-    modalities = backbone.layout.modalities
-    try:
-        for target in modalities:
-            for source in modalities:
-                if source == target:
-                    continue
-                encoder = backbone.cross[target][source]
-                for layer in layers:
-                    attention = encoder.layers[layer].attention
-                    key = (target, source, layer)
-                    handles.append(attention.register_forward_pre_hook(grabber(key)))
+    with backbone.recording() as recording:
         frozen_query(backbone, x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
+    wanted = set(layers)
+    return {key: tokens for key, tokens in recording.cross_key_values.items() if key[2] in wanted}
 
 
 def mean_pooled_modality_tokens(

@@ -91,8 +91,16 @@ def test_classification_output_shape() -> None:
 def test_branches_are_named_after_modalities() -> None:
     model = make_model(AVT_L1)
     assert set(model.projections.keys()) == {"audio", "video", "text"}
-    assert set(model.cross["audio"].keys()) == {"video", "text"}
-    assert set(model.memory.keys()) == {"audio", "video", "text"}
+    assert model.cross_pairs == (
+        ("audio", "video"),
+        ("audio", "text"),
+        ("video", "audio"),
+        ("video", "text"),
+        ("text", "audio"),
+        ("text", "video"),
+    )
+    assert model.cross_stack.count == 6
+    assert model.memory_stack.count == 3
     assert not any(name.startswith("prompt_hook") for name, _ in model.named_modules())
 
 
@@ -313,6 +321,14 @@ def test_default_config_matches_mult_sizes() -> None:
     model = MulT(AVT_L1)
     assert model.feature_dim == 180
     assert model.memory_width == 60
-    assert len(model.cross["text"]["audio"].layers) == 5
-    assert len(model.memory["text"].layers) == 3
-    assert model.cross["text"]["audio"].layers[0].attention.num_heads == 5
+    assert len(model.cross_stack.layers) == 5
+    assert len(model.memory_stack.layers) == 3
+    assert model.cross_stack.layers[0].num_heads == 5
+    # 6 cross-modal transformers of width 30 and 3 memory transformers of width 60, each layer
+    # 12 w^2 + 13 w weights, each stack a final LayerNorm: as many weights as MulT's.
+    per_layer = {w: 12 * w * w + 13 * w for w in (30, 60)}
+    expected = 6 * (5 * per_layer[30] + 60) + 3 * (3 * per_layer[60] + 120)
+    stacks = sum(
+        p.numel() for p in [*model.cross_stack.parameters(), *model.memory_stack.parameters()]
+    )
+    assert stacks == expected

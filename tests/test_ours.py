@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from cmmm.backbone import MulT, MulTConfig, PromptContext
+from cmmm.backbone import MulT, MulTConfig, PromptContext, per_sample_prompt
 from cmmm.errors import ConfigError
 from cmmm.packing import PackedLayout
 from strategies import STRATEGIES
@@ -328,7 +328,7 @@ def test_hook_attaches_each_type_at_its_layers_on_target_branches_only(stream, c
     ctx = context_of(x, stream.layout)
     length, width = 16, 30
     for site in backbone.prompt_sites():
-        out = prompts.prompt_for(site, ctx)
+        out = per_sample_prompt(prompts.prompt_for(site, ctx), ctx.batch_size)
         if not site.is_cross:
             assert out is None, site
             continue
@@ -357,7 +357,7 @@ def test_types_sharing_a_layer_are_concatenated_in_order(stream) -> None:
     ctx = context_of(x, stream.layout)
     site = next(s for s in make_backbone(stream.layout).prompt_sites() if s.is_cross)
     site = type(site)("video", "audio", 2, 30)
-    out = prompts.prompt_for(site, ctx)
+    out = per_sample_prompt(prompts.prompt_for(site, ctx), ctx.batch_size)
     assert out.shape == (len(patterns), 48, 30)
     for row, p in enumerate(patterns):
         assert torch.all(out[row, :16] == 10.0 * all_patterns(3).index(p) + 1)  # TS, branch v
@@ -415,9 +415,9 @@ def test_oracle_identity_coincides_with_the_presence_pattern_on_these_streams(st
     x, patterns = mixed_batch(stream, 1)
     ctx = context_of(x, stream.layout)
     site = type(make_backbone(stream.layout).prompt_sites()[0])("audio", "video", 2, 30)
-    by_pattern = prompts.prompt_for(site, ctx)
+    by_pattern = per_sample_prompt(prompts.prompt_for(site, ctx), ctx.batch_size)
     prompts.oracle_indices = torch.zeros(len(patterns), dtype=torch.long)  # all "full"
-    forced = prompts.prompt_for(site, ctx)
+    forced = per_sample_prompt(prompts.prompt_for(site, ctx), ctx.batch_size)
     prompts.oracle_indices = None
     torch.testing.assert_close(forced, by_pattern[:1].expand_as(forced))
 
