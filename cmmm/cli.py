@@ -589,6 +589,7 @@ def benchmark_overhead(
     epochs: Annotated[int, typer.Option(help="epochs per task")] = 30,
     batch_size: Annotated[int, typer.Option()] = 64,
     seed: Annotated[int, typer.Option()] = 0,
+    rounds: Annotated[int, typer.Option(help="alternated rounds of both loops")] = 3,
     data_dir: DataDirOption = None,
     cache_dir: CacheDirOption = None,
 ) -> None:
@@ -598,7 +599,9 @@ def benchmark_overhead(
 
     config = RunConfig(stream=stream, epochs=epochs, batch_size=batch_size, seed=seed)
     config = with_directories(config, data_dir, cache_dir)
-    report = measure_overhead(config, log=lambda m: console.print(m, highlight=False))
+    report = measure_overhead(
+        config, log=lambda m: console.print(m, highlight=False), rounds=rounds
+    )
     Console(soft_wrap=True, markup=False).print(report.table())
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from avalanche.core import SupervisedPlugin
-from torch import nn
+from torch import Tensor, nn
 
 from cmmm.atomic_files import atomic_write_text, remove_stale_temporaries
 from cmmm.checkpoints import (
@@ -285,7 +285,8 @@ class TrainingMonitor(SupervisedPlugin):
         self.step = 0
         self.epoch = 0
         self.global_epoch = 0
-        self._loss_sum, self._samples = 0.0, 0
+        self._loss_sum: Tensor | float = 0.0
+        self._samples = 0
 
     def start_step(self, step: int) -> None:
         self.step, self.epoch = step, 0
@@ -295,11 +296,13 @@ class TrainingMonitor(SupervisedPlugin):
 
     def after_training_iteration(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
         batch = len(strategy.mb_y)
-        self._loss_sum += float(strategy.loss.detach()) * batch
+        # Summed on the loss's device and read once per epoch: reading it every step would make
+        # the host wait for a GPU at every step.
+        self._loss_sum = self._loss_sum + strategy.loss.detach() * batch
         self._samples += batch
 
     def after_training_epoch(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
-        loss = self._loss_sum / max(self._samples, 1)
+        loss = float(self._loss_sum) / max(self._samples, 1)
         self.writer.add_scalar(f"train_loss/step{self.step}", loss, self.epoch)
         self.writer.add_scalar("train_loss/all", loss, self.global_epoch)
         self.on_epoch(self.step, self.epoch, loss)

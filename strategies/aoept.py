@@ -316,7 +316,7 @@ def make_aoept_plugin(model: AOEPTModel, kmeans_seed: int, aux_weight: float) ->
 
         def __init__(self) -> None:
             super().__init__()
-            self.last_aux: float | None = None
+            self.last_aux: Tensor | None = None
             self.built: dict[int, list[str]] = {}
 
         def before_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
@@ -327,7 +327,7 @@ def make_aoept_plugin(model: AOEPTModel, kmeans_seed: int, aux_weight: float) ->
 
         def before_backward(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
             if model.aux_loss is not None:
-                self.last_aux = float(model.aux_loss.detach())
+                self.last_aux = model.aux_loss.detach()
                 strategy.loss = strategy.loss + aux_weight * model.aux_loss
                 model.aux_loss = None
 

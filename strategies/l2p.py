@@ -208,7 +208,7 @@ def make_task_plugin(model: QueryPromptedModel) -> Any:
 
         def __init__(self) -> None:
             super().__init__()
-            self.last_aux: float | None = None
+            self.last_aux: Tensor | None = None
 
         def before_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
             model.begin_task(strategy.experience.current_experience)
@@ -216,7 +216,7 @@ def make_task_plugin(model: QueryPromptedModel) -> Any:
 
         def before_backward(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
             if model.aux_loss is not None:
-                self.last_aux = float(model.aux_loss.detach())
+                self.last_aux = model.aux_loss.detach()
                 strategy.loss = strategy.loss + model.aux_loss
                 model.aux_loss = None
 

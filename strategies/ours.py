@@ -786,13 +786,13 @@ def make_contrastive_plugin(
 
         def __init__(self) -> None:
             super().__init__()
-            self.last_value: float | None = None
+            self.last_value: Tensor | None = None
 
         def before_backward(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
             loss = contrastive_task_loss(
                 prompts.pattern_summaries(), options.tau, options.beta, pairs
             )
-            self.last_value = float(loss.detach())
+            self.last_value = loss.detach()
             strategy.loss = strategy.loss + options.lam * loss
 
     return ContrastiveTaskLoss()

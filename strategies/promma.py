@@ -357,11 +357,11 @@ def make_aux_loss_plugin(model: ProMMAModel) -> Any:
 
         def __init__(self) -> None:
             super().__init__()
-            self.last_aux: float | None = None
+            self.last_aux: Tensor | None = None
 
         def before_backward(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
             if model.aux_loss is not None:
-                self.last_aux = float(model.aux_loss.detach())
+                self.last_aux = model.aux_loss.detach()
                 strategy.loss = strategy.loss + model.aux_loss
                 model.aux_loss = None
 
