@@ -146,7 +146,7 @@ def format_metric(value: float | None, digits: int = 2) -> str:
 def run(
     ctx: typer.Context,
     stream: Annotated[
-        str, typer.Option(help="synthetic, synthetic-cls, mosi, mosi-pkl, iemocap, sims")
+        str, typer.Option(help="synthetic, synthetic-cls, mosi, mfeat, mosi-pkl, iemocap, sims")
     ] = "synthetic",
     strategy: Annotated[
         str, typer.Option(help="a registered strategy (naive, joint, ...)")
@@ -450,14 +450,16 @@ def list_streams() -> None:
 @data_app.command("download")
 @reports_errors
 def data_download(
-    name: Annotated[str, typer.Argument(help="data set to fetch (mosi)")],
+    name: Annotated[str, typer.Argument(help="data set to fetch (mosi, mfeat)")],
     data_dir: Annotated[
         Path | None, typer.Option(help="where <name>/ is created [env CMMM_DATA_DIR, else ./data]")
     ] = None,
     source: Annotated[
         str | None,
         typer.Option(
-            "--from", help="a local mirror: directory or base URL laid out like the public files"
+            "--from",
+            help="a local mirror: directory or base URL laid out like the public files (mfeat: "
+            "a directory in either layout, a zip file or its URL)",
         ),
     ] = None,
 ) -> None:
