@@ -350,14 +350,18 @@ def download_mfeat(data_dir: Path, source: str | None = None, log: Log = print) 
         where = UCI_URL if source is None else source
         log(f"mfeat: fetching the six views from {where}")
         _stage(where, staging)
+        # Every file is parsed before any checksum is compared: a damaged file is reported as
+        # such, not as "other values".
+        parsed = {}
         for view in VIEW_DIMS:
             try:
                 path = view_file(staging, view)
-                values = read_view(path, view)
+                parsed[view] = (path, read_view(path, view))
             except DataError as error:
                 raise DownloadError(
                     f"mfeat from {where}: {_staged(error, staging, where)}; nothing was installed"
                 ) from None
+        for view, (path, values) in parsed.items():
             actual = view_digest(view, values)
             if actual != VIEW_SHA256[view]:
                 raise DownloadError(
