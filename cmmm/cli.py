@@ -112,11 +112,12 @@ def summary_table(results: dict[str, Any]) -> Table:
         table.add_column(task["code"], justify="right")
     matrix = results["matrix"]
     for step, row in enumerate(matrix):
-        label = (
-            "joint (all tasks)"
-            if results["strategy"]["joint"]
-            else f"{step + 1}: {tasks[step]['name']}"
-        )
+        if not results["strategy"].get("trains", True):
+            label = "untrained (zero-shot)"
+        elif results["strategy"]["joint"]:
+            label = "joint (all tasks)"
+        else:
+            label = f"{step + 1}: {tasks[step]['name']}"
         table.add_row(label, *("" if v is None else f"{v:.1f}" for v in row))
     return table
 

@@ -400,7 +400,11 @@ def accuracy_heatmap(runs: Sequence[Results], strategies: Sequence[str] | None =
                     color="white" if dark else "black",
                 )
             if group.joint:
-                ax.set_yticks([0], ["trained on all\ntasks at once"])
+                trained = group.runs[0].data["strategy"].get("trains", True)
+                row = (
+                    "trained on all\ntasks at once" if trained else "pre-trained only\n(zero-shot)"
+                )
+                ax.set_yticks([0], [row])
             else:
                 ax.set_yticks(range(mean.shape[0]), step_labels(tasks[: mean.shape[0]]))
                 for step in range(min(mean.shape)):  # the task trained at that step
