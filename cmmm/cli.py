@@ -706,7 +706,19 @@ def compare(
             "stands for its two paper buffer sizes on the stream"
         ),
     ] = "all",
-    seeds: Annotated[int, typer.Option(help="seeds 0..N-1 per strategy")] = 3,
+    seeds: Annotated[
+        int, typer.Option(help="seeds 0..N-1, the same for every strategy (runs pair by seed)")
+    ] = 5,
+    reference: Annotated[
+        str,
+        typer.Option(help="the row every other row's AA is compared with, seed by seed"),
+    ] = "naive",
+    headroom: Annotated[
+        bool,
+        typer.Option(
+            help="add the zeroshot and joint rows (and the reference) to a --strategies list"
+        ),
+    ] = True,
     epochs: Annotated[
         int | None, typer.Option(help="epochs per task [stream default: 30 real, 5 synthetic]")
     ] = None,
@@ -749,7 +761,7 @@ def compare(
 ) -> None:
     """Run (or reuse finished runs of) several strategies over seeds; print a Table-2 table."""
     from cmmm.comparison import compare as compare_runs
-    from cmmm.comparison import expand_strategies
+    from cmmm.comparison import expand_strategies, with_headroom
     from cmmm.running import RunConfig
     from streams.catalog import STREAMS
 
@@ -773,6 +785,8 @@ def compare(
     )
     base = with_directories(base, data_dir, cache_dir)
     names = expand_strategies(strategies, stream)
+    if headroom:
+        names = with_headroom(names, reference)
     console.print(f"{stream}: {', '.join(names)} x seeds 0..{seeds - 1}", highlight=False)
     if orders:
         from cmmm.comparison import compare_orders, random_task_orders
@@ -800,6 +814,7 @@ def compare(
         list(range(seeds)),
         log=lambda m: console.print(m, highlight=False),
         finished_only=finished_only,
+        reference=reference,
     )
     markdown_path, csv_path = comparison.write(out)
     print(comparison.markdown(), end="")
