@@ -864,18 +864,38 @@ def experiment(
     cache_dir: CacheDirOption = None,
     plot: Annotated[
         Path | None,
-        typer.Option(help="also draw AA and FM per row (mean ± std, seeds as dots): .png or .svg"),
+        typer.Option(
+            help="also draw AA and FM per row (mean ± 95 % CI, seeds as dots): .png or .svg"
+        ),
     ] = None,
+    reference: ReferenceOption = None,
+    headroom: HeadroomOption = True,
 ) -> None:
     """Run (or reuse) every row of an experiment file for every seed; write a Markdown table."""
     from cmmm.experiments import run_experiment
 
-    spec = experiment_from_flags(file, out, epochs, seeds, data_dir, cache_dir)
+    spec = experiment_from_flags(
+        file, out, epochs, seeds, data_dir, cache_dir, reference=reference, headroom=headroom
+    )
     table, path = run_experiment(
         spec, out, log=lambda m: console.print(m, highlight=False), figure=plot
     )
     print(table)
     console.print(f"table written to {path}", highlight=False)
+
+
+# Shared by `experiment` and `sweep`.
+ReferenceOption = Annotated[
+    str | None,
+    typer.Option(
+        help="the row label every other row's AA is compared with, seed by seed [default: the "
+        "file's reference, else the first row whose strategy is naive]"
+    ),
+]
+HeadroomOption = Annotated[
+    bool,
+    typer.Option(help="add zeroshot and joint rows from the file's base settings"),
+]
 
 
 def experiment_from_flags(
@@ -885,9 +905,11 @@ def experiment_from_flags(
     seeds: str | None,
     data_dir: Path | None,
     cache_dir: Path | None,
+    reference: str | None = None,
+    headroom: bool = True,
 ) -> Any:
     """An experiment file with the flags `experiment` and `sweep` share applied to every run."""
-    from cmmm.experiments import load_experiment
+    from cmmm.experiments import load_experiment, with_headroom_rows
 
     overrides: dict[str, Any] = {"out": str(out)}
     if epochs is not None:
@@ -897,6 +919,11 @@ def experiment_from_flags(
     if cache_dir is not None:
         overrides["cache_dir"] = str(cache_dir)
     experiment = load_experiment(file, overrides)
+    if headroom:
+        experiment = with_headroom_rows(experiment, overrides)
+    if reference is not None:
+        experiment.reference = reference
+    experiment.reference_label()  # an unknown reference fails before any run
     if seeds is not None:
         experiment.seeds = parse_seeds(seeds)
     return experiment
@@ -954,13 +981,17 @@ def sweep(
     dry_run: Annotated[
         bool, typer.Option(help="list the runs and which are finished; start nothing")
     ] = False,
+    reference: ReferenceOption = None,
+    headroom: HeadroomOption = True,
 ) -> None:
     """Run an experiment file's grid as Ray tasks; skip finished runs; write the table."""
     import contextlib
 
     from cmmm.sweeping import plan_sweep, ray_session, run_sweep
 
-    experiment = experiment_from_flags(file, out, epochs, seeds, data_dir, cache_dir)
+    experiment = experiment_from_flags(
+        file, out, epochs, seeds, data_dir, cache_dir, reference=reference, headroom=headroom
+    )
     log = functools.partial(console.print, highlight=False, soft_wrap=True)
     if dry_run:
         plan = plan_sweep(experiment)
