@@ -206,9 +206,7 @@ def test_compare_of_many_strategies_draws_one_row_each(tmp_path: Path) -> None:
         assert marker.get_xdata()[0] == pytest.approx(np.mean(aa))
         assert marker.get_ydata()[0] == k
         half = 12.7062 * np.std(aa, ddof=1) / np.sqrt(2)  # 95 % CI of two seeds
-        assert f"{np.mean(aa):.2f} ± {half:.2f}" in [
-            t.get_text() for t in fig.axes[0].texts
-        ]
+        assert f"{np.mean(aa):.2f} ± {half:.2f}" in [t.get_text() for t in fig.axes[0].texts]
     rows = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert rows == [f"{name} (n=2 seeds)" for name in names] + ["joint (n=1 seed)"]
     bottom, top = fig.axes[0].get_ylim()
