@@ -112,11 +112,12 @@ def summary_table(results: dict[str, Any]) -> Table:
         table.add_column(task["code"], justify="right")
     matrix = results["matrix"]
     for step, row in enumerate(matrix):
-        label = (
-            "joint (all tasks)"
-            if results["strategy"]["joint"]
-            else f"{step + 1}: {tasks[step]['name']}"
-        )
+        if not results["strategy"].get("trains", True):
+            label = "untrained (zero-shot)"
+        elif results["strategy"]["joint"]:
+            label = "joint (all tasks)"
+        else:
+            label = f"{step + 1}: {tasks[step]['name']}"
         table.add_row(label, *("" if v is None else f"{v:.1f}" for v in row))
     return table
 
@@ -146,7 +147,7 @@ def format_metric(value: float | None, digits: int = 2) -> str:
 def run(
     ctx: typer.Context,
     stream: Annotated[
-        str, typer.Option(help="synthetic, synthetic-cls, mosi, mosi-pkl, iemocap, sims")
+        str, typer.Option(help="synthetic, synthetic-cls, mosi, mfeat, mosi-pkl, iemocap, sims")
     ] = "synthetic",
     strategy: Annotated[
         str, typer.Option(help="a registered strategy (naive, joint, ...)")
@@ -444,14 +445,16 @@ def list_streams() -> None:
 @data_app.command("download")
 @reports_errors
 def data_download(
-    name: Annotated[str, typer.Argument(help="data set to fetch (mosi)")],
+    name: Annotated[str, typer.Argument(help="data set to fetch (mosi, mfeat)")],
     data_dir: Annotated[
         Path | None, typer.Option(help="where <name>/ is created [env CMMM_DATA_DIR, else ./data]")
     ] = None,
     source: Annotated[
         str | None,
         typer.Option(
-            "--from", help="a local mirror: directory or base URL laid out like the public files"
+            "--from",
+            help="a local mirror: directory or base URL laid out like the public files (mfeat: "
+            "a directory in either layout, a zip file or its URL)",
         ),
     ] = None,
 ) -> None:
@@ -715,7 +718,19 @@ def compare(
             "stands for its two paper buffer sizes on the stream"
         ),
     ] = "all",
-    seeds: Annotated[int, typer.Option(help="seeds 0..N-1 per strategy")] = 3,
+    seeds: Annotated[
+        int, typer.Option(help="seeds 0..N-1, the same for every strategy (runs pair by seed)")
+    ] = 5,
+    reference: Annotated[
+        str,
+        typer.Option(help="the row every other row's AA is compared with, seed by seed"),
+    ] = "naive",
+    headroom: Annotated[
+        bool,
+        typer.Option(
+            help="add the zeroshot and joint rows (and the reference) to a --strategies list"
+        ),
+    ] = True,
     epochs: Annotated[
         int | None, typer.Option(help="epochs per task [stream default: 30 real, 5 synthetic]")
     ] = None,
@@ -758,7 +773,7 @@ def compare(
 ) -> None:
     """Run (or reuse finished runs of) several strategies over seeds; print a Table-2 table."""
     from cmmm.comparison import compare as compare_runs
-    from cmmm.comparison import expand_strategies
+    from cmmm.comparison import expand_strategies, with_headroom
     from cmmm.running import RunConfig
     from streams.catalog import STREAMS
 
@@ -782,6 +797,8 @@ def compare(
     )
     base = with_directories(base, data_dir, cache_dir)
     names = expand_strategies(strategies, stream)
+    if headroom:
+        names = with_headroom(names, reference)
     console.print(f"{stream}: {', '.join(names)} x seeds 0..{seeds - 1}", highlight=False)
     if orders:
         from cmmm.comparison import compare_orders, random_task_orders
@@ -809,6 +826,7 @@ def compare(
         list(range(seeds)),
         log=lambda m: console.print(m, highlight=False),
         finished_only=finished_only,
+        reference=reference,
     )
     markdown_path, csv_path = comparison.write(out)
     print(comparison.markdown(), end="")
@@ -858,18 +876,38 @@ def experiment(
     cache_dir: CacheDirOption = None,
     plot: Annotated[
         Path | None,
-        typer.Option(help="also draw AA and FM per row (mean ± std, seeds as dots): .png or .svg"),
+        typer.Option(
+            help="also draw AA and FM per row (mean ± 95 % CI, seeds as dots): .png or .svg"
+        ),
     ] = None,
+    reference: ReferenceOption = None,
+    headroom: HeadroomOption = True,
 ) -> None:
     """Run (or reuse) every row of an experiment file for every seed; write a Markdown table."""
     from cmmm.experiments import run_experiment
 
-    spec = experiment_from_flags(file, out, epochs, seeds, data_dir, cache_dir)
+    spec = experiment_from_flags(
+        file, out, epochs, seeds, data_dir, cache_dir, reference=reference, headroom=headroom
+    )
     table, path = run_experiment(
         spec, out, log=lambda m: console.print(m, highlight=False), figure=plot
     )
     print(table)
     console.print(f"table written to {path}", highlight=False)
+
+
+# Shared by `experiment` and `sweep`.
+ReferenceOption = Annotated[
+    str | None,
+    typer.Option(
+        help="the row label every other row's AA is compared with, seed by seed [default: the "
+        "file's reference, else the first row whose strategy is naive]"
+    ),
+]
+HeadroomOption = Annotated[
+    bool,
+    typer.Option(help="add zeroshot and joint rows from the file's base settings"),
+]
 
 
 def experiment_from_flags(
@@ -879,9 +917,11 @@ def experiment_from_flags(
     seeds: str | None,
     data_dir: Path | None,
     cache_dir: Path | None,
+    reference: str | None = None,
+    headroom: bool = True,
 ) -> Any:
     """An experiment file with the flags `experiment` and `sweep` share applied to every run."""
-    from cmmm.experiments import load_experiment
+    from cmmm.experiments import load_experiment, with_headroom_rows
 
     overrides: dict[str, Any] = {"out": str(out)}
     if epochs is not None:
@@ -891,6 +931,11 @@ def experiment_from_flags(
     if cache_dir is not None:
         overrides["cache_dir"] = str(cache_dir)
     experiment = load_experiment(file, overrides)
+    if headroom:
+        experiment = with_headroom_rows(experiment, overrides)
+    if reference is not None:
+        experiment.reference = reference
+    experiment.reference_label()  # an unknown reference fails before any run
     if seeds is not None:
         experiment.seeds = parse_seeds(seeds)
     return experiment
@@ -948,13 +993,17 @@ def sweep(
     dry_run: Annotated[
         bool, typer.Option(help="list the runs and which are finished; start nothing")
     ] = False,
+    reference: ReferenceOption = None,
+    headroom: HeadroomOption = True,
 ) -> None:
     """Run an experiment file's grid as Ray tasks; skip finished runs; write the table."""
     import contextlib
 
     from cmmm.sweeping import plan_sweep, ray_session, run_sweep
 
-    experiment = experiment_from_flags(file, out, epochs, seeds, data_dir, cache_dir)
+    experiment = experiment_from_flags(
+        file, out, epochs, seeds, data_dir, cache_dir, reference=reference, headroom=headroom
+    )
     log = functools.partial(console.print, highlight=False, soft_wrap=True)
     if dry_run:
         plan = plan_sweep(experiment)

@@ -3,8 +3,10 @@
 Every (strategy, seed) pair is a ``RunConfig`` that differs from the base only in ``strategy``
 and ``seed``. When its ``run_dir()/results.json`` exists the run is reused, otherwise it is run
 (continued from its checkpoint if it was interrupted); a failed run is reported and the others go
-on. Aggregation over seeds is ``cmmm.summary``'s (the same grouping and mean ± sample standard
-deviation as ``cmmm summarize``).
+on. Aggregation over seeds is ``cmmm.summary``'s grouping; the table gives each row's mean ± the
+half-width of its 95 % confidence interval (Student t), and its AA against a reference row as a
+paired difference over the seeds both finished (``cmmm.significance``). With a ``zeroshot`` row
+the table also says, per task, how far each method ends above the pre-trained backbone.
 """
 
 from __future__ import annotations
@@ -25,7 +27,14 @@ from cmmm import running
 from cmmm.checkpoints import CHECKPOINT_FILE
 from cmmm.errors import ConfigError
 from cmmm.running import RunConfig, atomic_write_text
+from cmmm.significance import difference_cell, interval_cell, paired_difference, t_interval
 from cmmm.summary import Aggregate, aggregate, mean_spread
+
+# The rows every comparison shows unless told not to: what training adds over the pre-trained
+# backbone (zeroshot) and what training on all tasks at once reaches (joint).
+HEADROOM_STRATEGIES: tuple[str, ...] = ("zeroshot", "joint")
+DEFAULT_REFERENCE = "naive"
+ZEROSHOT = "zeroshot"
 
 # "missing": not finished and not run, because the comparison was asked for finished runs only.
 Status = Literal["reused", "ran", "failed", "missing"]
@@ -59,8 +68,9 @@ class ComparisonRow:
     def _spread(values: list[float]) -> float | None:
         return statistics.stdev(values) if len(values) > 1 else None
 
-    def markdown_cells(self, held_out: bool = False) -> list[str]:
-        """The row's cells; ``held_out`` adds the AA on held-out patterns after FM."""
+    def markdown_cells(self, held_out: bool = False, difference: str | None = None) -> list[str]:
+        """The row's cells; ``held_out`` adds the AA on held-out patterns after FM, and
+        ``difference`` (the paired difference to the reference) comes after those."""
         buffer = "-" if self.buffer is None else str(self.buffer)
         failed = f" ({len(self.failed_seeds)} failed)" if self.failed_seeds else ""
         failed += f" ({len(self.missing_seeds)} not run yet)" if self.missing_seeds else ""
@@ -68,18 +78,27 @@ class ComparisonRow:
         if agg is None:
             state = "failed" if self.failed_seeds else "not run yet"
             extra = [state] if held_out else []
+            extra += [] if difference is None else ["n/a"]
             return [self.strategy, buffer, state, state, *extra, "-", "-", f"0{failed}"]
-        extra = [mean_spread(agg.held_out_aa)] if held_out else []
+        extra = [interval_cell(agg.held_out_aa)] if held_out else []
+        extra += [] if difference is None else [difference]
         return [
             self.strategy,
             buffer,
-            mean_spread(agg.aa),
-            mean_spread(agg.fm),
+            interval_cell(agg.aa),
+            interval_cell(agg.fm),
             *extra,
             f"{agg.trainable:,}",
             f"{statistics.mean(agg.wall_seconds):.1f}",
             f"{len(agg.seeds)}{failed}",
         ]
+
+    def aa_by_seed(self) -> dict[int, float]:
+        """Each finished seed's AA (what pairs with another row's)."""
+        agg = self.aggregate
+        if agg is None or len(agg.aa) != len(agg.seeds):
+            return {}
+        return dict(zip(agg.seeds, agg.aa, strict=True))
 
     def csv_record(self) -> dict[str, Any]:
         record: dict[str, Any] = {
@@ -93,8 +112,10 @@ class ComparisonRow:
             record.update(
                 aa_mean=self._mean(agg.aa),
                 aa_std=self._spread(agg.aa),
+                aa_ci95=_half_width(agg.aa),
                 fm_mean=self._mean(agg.fm),
                 fm_std=self._spread(agg.fm),
+                fm_ci95=_half_width(agg.fm),
                 held_out_aa_mean=self._mean(agg.held_out_aa),
                 held_out_aa_std=self._spread(agg.held_out_aa),
                 trainable=agg.trainable,
@@ -110,8 +131,10 @@ CSV_FIELDS = [
     "buffer",
     "aa_mean",
     "aa_std",
+    "aa_ci95",
     "fm_mean",
     "fm_std",
+    "fm_ci95",
     "held_out_aa_mean",
     "held_out_aa_std",
     "trainable",
@@ -119,7 +142,17 @@ CSV_FIELDS = [
     "seeds",
     "failed_seeds",
     "missing_seeds",
+    "reference",
+    "aa_diff_vs_reference",
+    "aa_diff_ci95",
+    "aa_diff_significant",
+    "paired_seeds",
 ]
+
+
+def _half_width(values: list[float]) -> float | None:
+    interval = t_interval(values)
+    return None if interval is None else interval.half_width
 
 
 @dataclass
@@ -129,14 +162,34 @@ class Comparison:
     rows: list[ComparisonRow]
     # Set when the comparison is one of several task orders (``compare_orders``).
     task_order: str | None = None
+    # The row every other row's AA is compared with, seed by seed (None: no such column).
+    reference: str | None = DEFAULT_REFERENCE
+
+    def reference_row(self) -> ComparisonRow | None:
+        found = [row for row in self.rows if row.strategy == self.reference]
+        return found[0] if found and found[0].aggregate is not None else None
+
+    def differences(self) -> dict[str, Any]:
+        """strategy -> its paired AA difference to the reference (None where undefined)."""
+        reference = self.reference_row()
+        if reference is None:
+            return {}
+        return {
+            row.strategy: None
+            if row is reference
+            else paired_difference(row.aa_by_seed(), reference.aa_by_seed())
+            for row in self.rows
+        }
 
     def markdown(self) -> str:
         seeds = sorted({o.seed for o in self.outcomes})
+        epochs = sorted({o.result["config"]["epochs"] for o in self.outcomes if o.result})
+        per_task = f"{', '.join(map(str, epochs))} epochs per task; " if epochs else ""
         lines = [
             f"## {self.stream}: continual-learning comparison",
             "",
-            f"AA and FM in %, mean ± sample standard deviation over seeds {seeds}; time is the "
-            "mean wall time of one run.",
+            f"AA and FM in %, mean ± half-width of the 95 % confidence interval (Student t) over "
+            f"seeds {seeds}; {per_task}time is the mean wall time of one run.",
         ]
         settings = sorted({row.aggregate.settings for row in self.rows if row.aggregate})
         if settings:
@@ -146,12 +199,31 @@ class Comparison:
         if held_out:
             header.insert(header.index("FM") + 1, "AA held-out (%)")
             lines += ["", "AA held-out: accuracy on the missing cases no task trained on."]
+        differences = self.differences()
+        if differences:
+            header.insert(header.index("trainable"), f"AA − {self.reference} (paired)")
         lines += [
             "",
             "| " + " | ".join(header) + " |",
             "|---|" + "---:|" * (len(header) - 1),
         ]
-        lines += ["| " + " | ".join(row.markdown_cells(held_out)) + " |" for row in self.rows]
+        for row in self.rows:
+            difference = None
+            if differences:
+                difference = (
+                    "reference"
+                    if row.strategy == self.reference
+                    else (difference_cell(differences.get(row.strategy)))
+                )
+            lines.append("| " + " | ".join(row.markdown_cells(held_out, difference)) + " |")
+        if differences:
+            lines += ["", self.significance_footer(differences)]
+        elif self.reference is not None:
+            lines += [
+                "",
+                f"No paired differences: the reference {self.reference} has no runs here.",
+            ]
+        lines += self.above_zeroshot_markdown()
         walls = [o.result["wall_time_seconds"] for o in self.outcomes if o.result is not None]
         if walls:
             # Summed from each results.json, so reused runs count with the time they took then.
@@ -173,20 +245,144 @@ class Comparison:
             ]
         return "\n".join(lines) + "\n"
 
+    def significance_footer(self, differences: dict[str, Any]) -> str:
+        compared = [d for name, d in differences.items() if name != self.reference]
+        decided = [d for d in compared if d is not None and d[0].half_width is not None]
+        significant = [d for d in decided if d[0].excludes_zero]
+        return (
+            f"AA − {self.reference}: mean ± 95 % interval of the per-seed differences over the "
+            "seeds both finished (paired Student t); * marks an interval that excludes 0. "
+            f"**{len(significant)} of {len(compared)} rows differ significantly from "
+            f"{self.reference}**"
+            + (
+                f" ({len(compared) - len(decided)} with fewer than 2 paired seeds)."
+                if len(decided) < len(compared)
+                else "."
+            )
+        )
+
+    def above_zeroshot(self) -> tuple[list[str], dict[str, dict[str, Any]]]:
+        """Task codes, and per strategy and code: the paired final-accuracy difference to the
+        zeroshot row over the seeds both finished (interval, seeds) or None."""
+        finals = {
+            row.strategy: _final_accuracies(
+                [o for o in self.outcomes if o.strategy == row.strategy and o.result]
+            )
+            for row in self.rows
+        }
+        reference = finals.get(ZEROSHOT) or {}
+        codes = [code for code in reference]
+        table: dict[str, dict[str, Any]] = {}
+        if not codes:
+            return [], {}
+        for strategy, by_code in finals.items():
+            if strategy == ZEROSHOT:
+                continue
+            table[strategy] = {
+                code: paired_difference(by_code.get(code, {}), reference[code]) for code in codes
+            }
+        return codes, table
+
+    def above_zeroshot_markdown(self) -> list[str]:
+        codes, table = self.above_zeroshot()
+        if not table:
+            return []
+        lines = [
+            "",
+            "### Above zero-shot, per task",
+            "",
+            "Final accuracy on each task (missing case, by its present views) minus the "
+            "pre-trained backbone's (zeroshot), in percentage points, mean over the seeds both "
+            "finished; the last column is AA's.",
+            "",
+            "| method | " + " | ".join(codes) + " | AA |",
+            "|---|" + "---:|" * (len(codes) + 1),
+        ]
+        for strategy, by_code in table.items():
+            cells = [_signed_mean(by_code[code]) for code in codes]
+            aa = [d[0].mean for d in by_code.values() if d is not None]
+            mean_aa = f"{statistics.fmean(aa):+.2f}" if len(aa) == len(codes) else "n/a"
+            lines.append(f"| {strategy} | " + " | ".join(cells) + f" | {mean_aa} |")
+        return lines
+
+    def above_zeroshot_csv(self) -> str:
+        codes, table = self.above_zeroshot()
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["strategy", "task", "above_zeroshot_mean", "ci95", "paired_seeds"])
+        for strategy, by_code in table.items():
+            for code in codes:
+                found = by_code[code]
+                if found is None:
+                    writer.writerow([strategy, code, "", "", ""])
+                    continue
+                interval, seeds = found
+                half = "" if interval.half_width is None else interval.half_width
+                writer.writerow([strategy, code, interval.mean, half, " ".join(map(str, seeds))])
+        return buffer.getvalue()
+
     def csv(self) -> str:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
         writer.writeheader()
+        differences = self.differences()
         for row in self.rows:
-            writer.writerow(row.csv_record())
+            record = row.csv_record()
+            found = differences.get(row.strategy)
+            if differences:
+                record["reference"] = self.reference
+            if found is not None:
+                interval, seeds = found
+                half = interval.half_width
+                record.update(
+                    aa_diff_vs_reference=interval.mean,
+                    aa_diff_ci95="" if half is None else half,
+                    aa_diff_significant=interval.excludes_zero,
+                    paired_seeds=" ".join(map(str, seeds)),
+                )
+            writer.writerow(record)
         return buffer.getvalue()
 
     def write(self, out: Path) -> tuple[Path, Path]:
+        """``compare-<stream>.md`` and ``.csv`` (returned), and with a zeroshot row
+        ``compare-<stream>-above-zeroshot.csv``."""
         markdown_path = out / f"compare-{self.stream}.md"
         csv_path = out / f"compare-{self.stream}.csv"
         atomic_write_text(markdown_path, self.markdown())
         atomic_write_text(csv_path, self.csv())
+        if self.above_zeroshot()[1]:
+            atomic_write_text(
+                out / f"compare-{self.stream}-above-zeroshot.csv", self.above_zeroshot_csv()
+            )
         return markdown_path, csv_path
+
+
+def _final_accuracies(outcomes: list[RunOutcome]) -> dict[str, dict[int, float]]:
+    """task code -> seed -> final accuracy on that task, from each run's ``per_task_final``."""
+    by_code: dict[str, dict[int, float]] = {}
+    for outcome in outcomes:
+        result = outcome.result or {}
+        tasks = result.get("stream", {}).get("tasks", [])
+        finals = result.get("per_task_final") or []
+        for task, final in zip(tasks, finals, strict=False):
+            if final.get("acc") is not None:
+                by_code.setdefault(task["code"], {})[outcome.seed] = final["acc"]
+    return by_code
+
+
+def _signed_mean(found: Any) -> str:
+    return "n/a" if found is None else f"{found[0].mean:+.2f}"
+
+
+def with_headroom(strategies: Sequence[str], reference: str | None) -> list[str]:
+    """``strategies`` with the reference, ``zeroshot`` and ``joint`` added at the end when
+    missing (what every comparison shows unless ``--no-headroom``)."""
+    names = list(strategies)
+    extra = [reference] if reference else []
+    for name in [*extra, *HEADROOM_STRATEGIES]:
+        if name not in names:
+            names.append(name)
+    return names
 
 
 def expand_strategies(spec: str | Sequence[str], stream: str) -> list[str]:
@@ -235,10 +431,12 @@ def compare(
     seeds: Sequence[int],
     log: Callable[[str], None] = print,
     finished_only: bool = False,
+    reference: str | None = DEFAULT_REFERENCE,
 ) -> Comparison:
     """Run or reuse every (strategy, seed) pair and aggregate them, one row per strategy.
 
     ``finished_only`` runs nothing: the table is made of the finished runs and lists the others.
+    ``reference``: the row the others' AA is compared with, seed by seed (if it is a row).
     """
     if not seeds:
         raise ConfigError("--seeds must be >= 1")
@@ -256,7 +454,12 @@ def compare(
         )
         for index, config in enumerate(configs, start=1)
     ]
-    return Comparison(stream=base.stream, outcomes=outcomes, rows=_rows(strategies, outcomes))
+    return Comparison(
+        stream=base.stream,
+        outcomes=outcomes,
+        rows=_rows(strategies, outcomes),
+        reference=reference,
+    )
 
 
 def run_or_reuse(

@@ -248,7 +248,8 @@ def task_metrics(
     - "sims" (CH-SIMS): the same scores with acc/f1 over all samples (label 0 counts as
       negative).
     - "classification": preds are logits (B, C); ``acc`` = micro multiclass accuracy, ``f1`` =
-      weighted F1 over the classes.
+      weighted F1 over the classes, ``f1_macro`` = their unweighted mean (mfeat's metric; on a
+      test set with as many samples of every class, as mfeat's, the two are equal).
 
     Pearson is NaN (never an exception) when preds or labels are constant or there is one sample.
     """
@@ -274,7 +275,13 @@ def task_metrics(
         logits = preds.float()
         acc = multiclass_accuracy(logits, labels, num_classes=num_classes, average="micro")
         f1 = multiclass_f1_score(logits, labels, num_classes=num_classes, average="weighted")
-        return {"acc": 100.0 * float(acc), "f1": 100.0 * float(f1), "n": n}
+        macro = multiclass_f1_score(logits, labels, num_classes=num_classes, average="macro")
+        return {
+            "acc": 100.0 * float(acc),
+            "f1": 100.0 * float(f1),
+            "f1_macro": 100.0 * float(macro),
+            "n": n,
+        }
 
     if preds.ndim == 2 and preds.shape[1] == 1:
         preds = preds[:, 0]

@@ -35,6 +35,13 @@ listed in the file's grid instead of ``seeds``.
 ``cmmm experiment FILE`` runs (or reuses) every row for every seed one after another in this
 process, ``cmmm sweep FILE`` as Ray tasks (``cmmm.sweeping``); both write ``OUT/<file stem>.md``
 and ``.csv``.
+
+Without ``seeds`` a file runs seeds 0-4. Each row shows mean ± the half-width of its 95 %
+confidence interval over seeds (Student t) and, against a reference row (``reference = "<row
+label>"`` in the file, or ``--reference``; by default the first row whose strategy is ``naive``),
+the paired difference of AA over the seeds both finished (``cmmm.significance``). The command
+line adds a ``zeroshot`` and a ``joint`` row made from the base settings (``with_headroom_rows``)
+unless the file says ``headroom = false`` or ``--no-headroom`` is given.
 """
 
 from __future__ import annotations
@@ -53,12 +60,15 @@ from typing import TYPE_CHECKING, Any
 from cmmm.comparison import RunOutcome, run_or_reuse
 from cmmm.errors import ConfigError
 from cmmm.running import RunConfig, atomic_write_text
-from cmmm.summary import mean_spread
+from cmmm.significance import difference_cell, interval_cell, paired_difference, t_interval
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 MERGED_OPTIONS = ("strategy_options", "stream_options", "backbone_options")
+# Five seeds unless the file says otherwise: enough for a 95 % interval to tell rows apart.
+DEFAULT_SEEDS = [0, 1, 2, 3, 4]
+HEADROOM_STRATEGIES = ("zeroshot", "joint")
 ROW_ONLY = ("label", "paper", "grid")
 
 # A grid dimension: the setting it varies, ("epochs",) or ("strategy_options", "lam"), and the
@@ -90,6 +100,23 @@ class Experiment:
     seeds: list[int]
     rows: list[ExperimentRow]
     source: Path
+    # The label of the row every other row's AA is compared with (None: see reference_label).
+    reference: str | None = None
+    # False: the file asks for no zeroshot/joint rows (``headroom = false``).
+    headroom: bool = True
+
+    def reference_label(self) -> str | None:
+        """The reference row's label: the one given, else the first row whose strategy is
+        naive, else None (no paired column)."""
+        labels = [row.label for row in self.rows]
+        if self.reference is not None:
+            if self.reference not in labels:
+                raise ConfigError(
+                    f"{self.source}: reference {self.reference!r} is not a row label; "
+                    f"choose one of {labels}"
+                )
+            return self.reference
+        return next((row.label for row in self.rows if row.config.strategy == "naive"), None)
 
     def planned_runs(self) -> list[PlannedRun]:
         """Every (row, seed), in table order, resolved (stream defaults filled in)."""
@@ -162,7 +189,7 @@ def load_experiment(path: Path, overrides: dict[str, Any] | None = None) -> Expe
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML ({error})") from None
     file_grid = _grid_dimensions(spec.get("grid", {}), f"{path} [grid]")
-    seeds = spec.get("seeds", [0])
+    seeds = spec.get("seeds", DEFAULT_SEEDS)
     grid_seeds = [values for name, values in file_grid if name == ("seed",)]
     if grid_seeds:
         if "seeds" in spec:
@@ -209,7 +236,41 @@ def load_experiment(path: Path, overrides: dict[str, Any] | None = None) -> Expe
     labels = [row.label for row in rows]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"{path}: row labels must be unique, got {labels}")
-    return Experiment(str(spec.get("title", Path(path).stem)), seeds, rows, Path(path))
+    reference = spec.get("reference")
+    if reference is not None and not isinstance(reference, str):
+        raise ConfigError(f"{path}: reference must be a row label (text), got {reference!r}")
+    headroom = spec.get("headroom", True)
+    if not isinstance(headroom, bool):
+        raise ConfigError(f"{path}: headroom must be true or false, got {headroom!r}")
+    return Experiment(
+        str(spec.get("title", Path(path).stem)),
+        seeds,
+        rows,
+        Path(path),
+        reference=reference,
+        headroom=headroom,
+    )
+
+
+def with_headroom_rows(experiment: Experiment, base_overrides: dict[str, Any]) -> Experiment:
+    """The experiment with a ``zeroshot`` and a ``joint`` row (the file's base settings, that
+    strategy, no strategy options) for each of those strategies no row has yet."""
+    if not experiment.headroom:
+        return experiment
+    spec = tomllib.loads(experiment.source.read_text())
+    base = dict(spec.get("base", {}))
+    if "stream" in spec:
+        base.setdefault("stream", spec["stream"])
+    present = {row.config.strategy for row in experiment.rows}
+    labels = {row.label for row in experiment.rows}
+    added = []
+    for strategy in HEADROOM_STRATEGIES:
+        if strategy in present or strategy in labels:
+            continue
+        values = {**base, **base_overrides, "strategy": strategy, "strategy_options": {}}
+        config = RunConfig.from_mapping(values, f"{experiment.source} [base]")
+        added.append(ExperimentRow(strategy, config))
+    return replace(experiment, rows=[*experiment.rows, *added])
 
 
 @dataclass(frozen=True)
@@ -226,6 +287,9 @@ class RowStatistics:
     @property
     def fm(self) -> list[float]:
         return [r["fm"] for r in self.results if r["fm"] is not None]
+
+    def aa_by_seed(self) -> dict[int, float]:
+        return {r["config"]["seed"]: r["aa"] for r in self.results if r["aa"] is not None}
 
     @property
     def held_out_aa(self) -> list[float]:
@@ -277,6 +341,10 @@ def markdown_table(
     header = ["configuration", "AA (%)", "FM", "trainable", "time/run (s)", "seeds"]
     if held_out:
         header[3:3] = ["AA held-out (%)", "held-out cases"]
+    differences = row_differences(experiment, outcomes)
+    reference = experiment.reference_label()
+    if differences:
+        header.insert(header.index("trainable"), f"AA − {reference} (paired)")
     if has_paper:
         header.append("paper AA / FM")
     resolved = [row.config.resolved() for row in experiment.rows]
@@ -288,8 +356,8 @@ def markdown_table(
     lines = [
         f"### {experiment.title}",
         "",
-        f"{stream}, {per_task}; mean ± sample standard deviation over seeds "
-        f"{experiment.seeds}. Produced by `{command} {experiment.source}`.",
+        f"{stream}, {per_task}; mean ± half-width of the 95 % confidence interval (Student t) "
+        f"over seeds {experiment.seeds}. Produced by `{command} {experiment.source}`.",
         "",
         "| " + " | ".join(header) + " |",
         "|---" + "|---:" * (len(header) - 1) + "|",
@@ -298,11 +366,16 @@ def markdown_table(
     for row in experiment.rows:
         stats = _statistics(outcomes[row.label])
         wall = stats.wall_seconds
+        difference = []
+        if differences:
+            found = differences.get(row.label)
+            difference = ["reference" if row.label == reference else difference_cell(found)]
         cells = [
             row.label,
-            mean_spread(stats.aa),
-            mean_spread(stats.fm),
-            *([mean_spread(stats.held_out_aa), stats.held_out_per_case()] if held_out else []),
+            interval_cell(stats.aa),
+            interval_cell(stats.fm),
+            *([interval_cell(stats.held_out_aa), stats.held_out_per_case()] if held_out else []),
+            *difference,
             "-" if stats.trainable is None else f"{stats.trainable:,}",
             "-" if wall is None else f"{wall:.0f}",
             stats.seeds,
@@ -311,13 +384,47 @@ def markdown_table(
             cells.append(row.paper or "")
         lines.append("| " + " | ".join(cells) + " |")
         failures += [f"- {row.label} seed {o.seed}: {o.error}" for o in stats.failed]
+    if differences:
+        compared = [d for label, d in differences.items() if label != reference]
+        decided = [d for d in compared if d is not None and d[0].half_width is not None]
+        significant = sum(d[0].excludes_zero for d in decided)
+        lines += [
+            "",
+            f"AA − {reference}: mean ± 95 % interval of the per-seed differences over the seeds "
+            "both finished (paired Student t); * marks an interval that excludes 0. "
+            f"**{significant} of {len(compared)} rows differ significantly from {reference}**"
+            + (
+                f" ({len(compared) - len(decided)} with fewer than 2 paired seeds)."
+                if len(decided) < len(compared)
+                else "."
+            ),
+        ]
     if failures:
         lines += ["", "Failed runs:", "", *failures]
     return "\n".join(lines) + "\n"
 
 
+def row_differences(
+    experiment: Experiment, outcomes: dict[str, list[RunOutcome]]
+) -> dict[str, Any]:
+    """Row label -> paired AA difference to the reference row (None for the reference itself
+    or without pairs); empty when there is no reference row with finished runs."""
+    reference = experiment.reference_label()
+    if reference is None:
+        return {}
+    by_seed = _statistics(outcomes[reference]).aa_by_seed()
+    if not by_seed:
+        return {}
+    return {
+        row.label: None
+        if row.label == reference
+        else paired_difference(_statistics(outcomes[row.label]).aa_by_seed(), by_seed)
+        for row in experiment.rows
+    }
+
+
 def experiment_figure(experiment: Experiment, outcomes: dict[str, list[RunOutcome]]) -> Figure:
-    """AA and FM per row (mean ± std over seeds, each seed a dot), in the file's row order."""
+    """AA and FM per row (mean ± 95 % CI over seeds, each seed a dot), in the file's order."""
     from cmmm.plotting import RunGroup, comparison_figure
     from cmmm.results import Results
 
@@ -329,20 +436,31 @@ def experiment_figure(experiment: Experiment, outcomes: dict[str, list[RunOutcom
     if not groups:
         raise ConfigError(f"{experiment.source}: no row has a finished run to plot")
     return comparison_figure(
-        groups, f"{experiment.title}: mean ± std over seeds {experiment.seeds}; grey dots: seeds"
+        groups,
+        f"{experiment.title}: mean ± 95 % CI over seeds {experiment.seeds}; grey dots: seeds",
     )
 
 
 CSV_METRICS = [
     "aa_mean",
     "aa_std",
+    "aa_ci95",
     "fm_mean",
     "fm_std",
+    "fm_ci95",
     "held_out_aa_mean",
     "held_out_aa_std",
     "trainable",
     "wall_seconds_mean",
+    "aa_diff_vs_reference",
+    "aa_diff_ci95",
+    "aa_diff_significant",
 ]
+
+
+def _half_width(values: list[float]) -> float | None:
+    interval = t_interval(values)
+    return None if interval is None else interval.half_width
 
 
 def csv_table(experiment: Experiment, outcomes: dict[str, list[RunOutcome]]) -> str:
@@ -354,13 +472,23 @@ def csv_table(experiment: Experiment, outcomes: dict[str, list[RunOutcome]]) -> 
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fieldnames, lineterminator="\n", restval="")
     writer.writeheader()
+    differences = row_differences(experiment, outcomes)
     for row in experiment.rows:
         stats = _statistics(outcomes[row.label])
         record: dict[str, Any] = {"configuration": row.label}
+        found = differences.get(row.label)
+        if found is not None:
+            record.update(
+                aa_diff_vs_reference=found[0].mean,
+                aa_diff_ci95=found[0].half_width,
+                aa_diff_significant=found[0].excludes_zero,
+            )
         record.update({name: _csv_value(value) for name, value in row.grid_point.items()})
         record.update(
             aa_mean=statistics.mean(stats.aa) if stats.aa else None,
             aa_std=statistics.stdev(stats.aa) if len(stats.aa) > 1 else None,
+            aa_ci95=_half_width(stats.aa),
+            fm_ci95=_half_width(stats.fm),
             fm_mean=statistics.mean(stats.fm) if stats.fm else None,
             fm_std=statistics.stdev(stats.fm) if len(stats.fm) > 1 else None,
             held_out_aa_mean=statistics.mean(stats.held_out_aa) if stats.held_out_aa else None,

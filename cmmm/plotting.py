@@ -8,7 +8,8 @@ object API (``matplotlib.figure.Figure``, no pyplot state), so it works headless
   strategy: the seed mean, with a min-max band. Several strategies: one panel each plus an
   "AA so far" panel (mean ± std over seeds; joint training as a horizontal reference line).
 - ``accuracy_heatmap``: the accuracy matrix (seed mean) with the values in the cells.
-- ``strategy_comparison``: AA and FM per strategy, mean ± std over seeds, seeds as dots.
+- ``strategy_comparison``: AA and FM per strategy, mean ± 95 % confidence interval over seeds
+  (Student t, ``cmmm.significance``), seeds as dots.
 
 Every plotting function returns the ``Figure``; the drawn lines carry a ``gid`` ("<strategy
 label>|<task name>", "aa_so_far|<strategy label>") so callers and tests can find their data.
@@ -400,7 +401,11 @@ def accuracy_heatmap(runs: Sequence[Results], strategies: Sequence[str] | None =
                     color="white" if dark else "black",
                 )
             if group.joint:
-                ax.set_yticks([0], ["trained on all\ntasks at once"])
+                trained = group.runs[0].data["strategy"].get("trains", True)
+                row = (
+                    "trained on all\ntasks at once" if trained else "pre-trained only\n(zero-shot)"
+                )
+                ax.set_yticks([0], [row])
             else:
                 ax.set_yticks(range(mean.shape[0]), step_labels(tasks[: mean.shape[0]]))
                 for step in range(min(mean.shape)):  # the task trained at that step
@@ -428,10 +433,10 @@ def accuracy_heatmap(runs: Sequence[Results], strategies: Sequence[str] | None =
 
 
 def strategy_comparison(runs: Sequence[Results], strategies: Sequence[str] | None = None) -> Figure:
-    """AA and FM per strategy: mean ± std over seeds (error bars), each seed as a dot."""
+    """AA and FM per strategy: mean ± 95 % CI over seeds (error bars), each seed as a dot."""
     return comparison_figure(
         group_runs(runs, strategies),
-        "strategy comparison: mean ± std over seeds (dot, error bar); grey dots: each seed",
+        "strategy comparison: mean ± 95 % CI over seeds (dot, error bar); grey dots: each seed",
     )
 
 
@@ -455,8 +460,12 @@ class _GroupValues:
         return float(self.values.mean())
 
     @property
-    def std(self) -> float:
-        return float(self.values.std(ddof=1)) if self.values.size > 1 else 0.0
+    def half_width(self) -> float:
+        """Of the 95 % confidence interval of the mean (Student t); 0 for one value."""
+        from cmmm.significance import t_interval
+
+        interval = t_interval(self.values.tolist())
+        return 0.0 if interval is None or interval.half_width is None else interval.half_width
 
     @property
     def seeds(self) -> str:
@@ -464,7 +473,9 @@ class _GroupValues:
 
     @property
     def text(self) -> str:
-        return f"{self.mean:.2f} ± {self.std:.2f}" if self.values.size > 1 else f"{self.mean:.2f}"
+        if self.values.size < 2:
+            return f"{self.mean:.2f}"
+        return f"{self.mean:.2f} ± {self.half_width:.2f}"
 
 
 def _group_values(group: RunGroup, key: str) -> _GroupValues:
@@ -473,7 +484,8 @@ def _group_values(group: RunGroup, key: str) -> _GroupValues:
 
 
 def comparison_figure(groups: Sequence[RunGroup], what: str) -> Figure:
-    """AA and FM per group of runs (a strategy, an experiment's row): mean ± std, seeds as dots.
+    """AA and FM per group of runs (a strategy, an experiment's row): mean ± 95 % CI, seeds as
+    dots.
 
     Up to ``HORIZONTAL_ABOVE_GROUPS`` groups stand side by side with their values in the tick
     labels; more (a whole Table 2) get one row each, the value written beside the point.
@@ -518,9 +530,9 @@ _ROW_MARKS = _Marks({"markersize": 7, "capsize": 4, "elinewidth": 1.5}, 14, 0.08
 def _draw_group_point(
     ax: Any, position: int, drawn: _GroupValues, gid: str, horizontal: bool
 ) -> None:
-    """The mean with a ± std bar at ``position``, and each seed as a grey dot beside it."""
+    """The mean with its 95 % CI bar at ``position``, and each seed as a grey dot beside it."""
     marks = _ROW_MARKS if horizontal else _COLUMN_MARKS
-    spread = [drawn.std] if drawn.values.size > 1 else None
+    spread = [drawn.half_width] if drawn.values.size > 1 else None
     half_width = marks.seed_jitter
     jitter = np.linspace(-half_width, half_width, drawn.values.size) if spread else np.zeros(1)
     beside = position + jitter + 0.25
@@ -565,7 +577,7 @@ def _draw_comparison_rows(ax: Any, groups: Sequence[RunGroup], key: str, first_p
         _draw_group_point(ax, k, drawn, f"{key}|{group.label}", horizontal=True)
         ax.annotate(
             drawn.text,
-            (drawn.mean + drawn.std, k),
+            (drawn.mean + drawn.half_width, k),
             xytext=(6, 0),
             textcoords="offset points",
             va="center",

@@ -435,7 +435,7 @@ def run(
             restore_rng(checkpoint.rng)
             log(f"resuming after step {first_step} of {num_steps} from {checkpoint_path}")
         if on_start is not None:
-            on_start(config.epochs * (num_steps - first_step))
+            on_start(config.epochs * (num_steps - first_step) if strategy.trains else 0)
 
         def score(step: int) -> None:
             per_task = evaluator.evaluate_and_record(step, model)
@@ -575,6 +575,7 @@ def results_record(
         "strategy": {
             "name": config.strategy,
             "joint": strategy.joint,
+            "trains": strategy.trains,
             "options": strategy.options(),
         },
         "pretraining": pretraining,

@@ -19,6 +19,7 @@ from strategies import (  # noqa: F401
     replay,
     si,
     sprompts,
+    zeroshot,
 )
 from strategies.base import STRATEGIES, Strategy, StrategyContext
 

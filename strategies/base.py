@@ -63,6 +63,8 @@ class Strategy:
 
     # True: trained once on all experiences together (an upper bound), evaluated once.
     joint: ClassVar[bool] = False
+    # False: the strategy trains nothing (the zero-shot reference); recorded in results.json.
+    trains: ClassVar[bool] = True
 
     def __init__(self, **options: Any) -> None:
         if options:

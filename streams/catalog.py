@@ -109,6 +109,21 @@ def _mosi(request: StreamRequest) -> MultimodalDataset:
     )
 
 
+@STREAMS.register(
+    "mfeat",
+    "real UCI Multiple Features: handwritten digits, 10 classes, views as modalities",
+    options={
+        "views": "default 'fou,zer,mor': any of fou,fac,kar,pix,zer,mor in the order given "
+        "(2^M - 1 tasks)",
+    },
+)
+def _mfeat(request: StreamRequest) -> MultimodalDataset:
+    from streams.mfeat import DEFAULT_VIEWS, load_mfeat
+
+    options = request.take_options({"views"})
+    return load_mfeat(request.data_dir, views=options.get("views", DEFAULT_VIEWS), log=request.log)
+
+
 def _pickle_stream(name: str, request: StreamRequest) -> MultimodalDataset:
     from streams.pickles import load_pickle_stream
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from cmmm.errors import ConfigError, DownloadError
+from streams.mfeat import MFEAT_DIRNAME, download_mfeat
 from streams.mosi import MOSI_DIRNAME, MOSI_FILES, MosiFile, file_sha256
 
 Log = Callable[[str], None]
@@ -29,6 +30,11 @@ DOWNLOADABLE: dict[str, Sequence[MosiFile]] = {MOSI_DIRNAME: MOSI_FILES}
 USER_SUPPLIED: dict[str, str] = {
     "iemocap": "MulT's iemocap_data.pkl (linked from the MulT repository README)",
     "sims": "MMSA's CH-SIMS unaligned_39.pkl (from the MMSA dataset release)",
+}
+# Datasets published as one archive whose parsed values are verified, not its bytes: each has
+# its own fetch-verify-install function (data_dir, source, log) -> target directory.
+ARCHIVE_DOWNLOADS: dict[str, Callable[[Path, str | None, Log], Path]] = {
+    MFEAT_DIRNAME: download_mfeat
 }
 _URL_SCHEMES = ("http", "https", "file")
 _CHUNK = 1 << 20
@@ -45,14 +51,18 @@ def download_dataset(
     as in ``<data_dir>/<name>``. Files already present with the right checksum are kept.
     """
     key = name.strip().lower()
+    if key in ARCHIVE_DOWNLOADS:
+        return ARCHIVE_DOWNLOADS[key](Path(data_dir), source, log)
     if key in USER_SUPPLIED:
         raise ConfigError(
             f"{name} has no public download: it comes from {USER_SUPPLIED[key]}, a pickle you "
             f"supply yourself; place it in {Path(data_dir) / key}/. "
-            f"Downloadable datasets: {', '.join(sorted(DOWNLOADABLE))}"
+            f"Downloadable datasets: {', '.join(sorted([*DOWNLOADABLE, *ARCHIVE_DOWNLOADS]))}"
         )
     if key not in DOWNLOADABLE:
-        known = sorted(DOWNLOADABLE) + [f"{n} (user-supplied pickle)" for n in USER_SUPPLIED]
+        known = sorted([*DOWNLOADABLE, *ARCHIVE_DOWNLOADS]) + [
+            f"{n} (user-supplied pickle)" for n in USER_SUPPLIED
+        ]
         raise ConfigError(f"unknown dataset {name!r}; known datasets: {', '.join(known)}")
     files = DOWNLOADABLE[key]
     data_dir = Path(data_dir)

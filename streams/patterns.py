@@ -13,7 +13,14 @@ from cmmm.errors import ConfigError
 
 Pattern = tuple[bool, ...]
 
-SHORT_NAMES = {"audio": "a", "video": "v", "text": "t"}
+# One letter per modality in task names and codes. The mfeat views need their own: "fou" and
+# "fac" share a first letter (c: the profile correlations of "fac").
+SHORT_NAMES = {
+    "audio": "a",
+    "video": "v",
+    "text": "t",
+    **{"fou": "f", "fac": "c", "kar": "k", "pix": "p", "zer": "z", "mor": "m"},
+}
 
 
 def short_name(modality: str) -> str:

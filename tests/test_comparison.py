@@ -62,6 +62,14 @@ def fake_run(config: RunConfig, log: Any = print, **_: Any) -> dict[str, Any]:
     return result
 
 
+def ci(values: list[float]) -> str:
+    """mean ± 95 % half-width (Student t, scipy's quantile), as the tables print it."""
+    from scipy.stats import t
+
+    half = t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    return f"{statistics.mean(values):.2f} ± {half:.2f}"
+
+
 def table_rows(markdown: str) -> dict[str, list[str]]:
     rows = {}
     for line in markdown.splitlines():
@@ -91,7 +99,7 @@ def test_compare_runs_missing_runs_then_reuses_them(tiny_config, monkeypatch) ->
     rows = table_rows(second.markdown())
     aa = [json.loads(o.results_path.read_text())["aa"] for o in first.outcomes[:2]]
     assert rows["naive"][1] == "-" and rows["er-250"][1] == "250"
-    assert rows["naive"][2] == f"{statistics.mean(aa):.2f} ± {statistics.stdev(aa):.2f}"
+    assert rows["naive"][2] == ci(aa)
 
     # A third seed runs only the missing pairs.
     compare(base, ["naive", "er-250"], [0, 1, 2], log=quiet)
@@ -113,11 +121,11 @@ def test_tables_hold_mean_and_spread_of_the_runs(tmp_path: Path, monkeypatch) ->
         aa = [fake_aa(strategy, s) for s in range(3)]
         fm = [fake_fm(strategy, s) for s in range(3)]
         cells = rows[strategy]
-        assert cells[2] == f"{statistics.mean(aa):.2f} ± {statistics.stdev(aa):.2f}"
-        assert cells[3] == f"{statistics.mean(fm):.2f} ± {statistics.stdev(fm):.2f}"
-        assert cells[4] == f"{1000 + len(strategy):,}"
-        assert cells[5] == "11.0"  # mean wall time of seeds 0, 1, 2: 10, 11, 12 s
-        assert cells[6] == "3"
+        assert cells[2] == ci(aa)
+        assert cells[3] == ci(fm)
+        assert cells[5] == f"{1000 + len(strategy):,}"
+        assert cells[6] == "11.0"  # mean wall time of seeds 0, 1, 2: 10, 11, 12 s
+        assert cells[7] == "3"
         record = records[strategy]
         assert float(record["aa_mean"]) == pytest.approx(statistics.mean(aa))
         assert float(record["aa_std"]) == pytest.approx(statistics.stdev(aa))
@@ -152,8 +160,11 @@ def test_a_failed_run_is_reported_and_the_others_continue(tmp_path: Path, monkey
     }
     markdown = comparison.markdown()
     rows = table_rows(markdown)
-    assert rows["lwf"][2] == f"{fake_aa('lwf', 0):.2f}" and rows["lwf"][6] == "1 (1 failed)"
-    assert rows["si"][2] == "failed" and rows["si"][6] == "0 (2 failed)"
+    assert rows["lwf"][2] == f"{fake_aa('lwf', 0):.2f}" and rows["lwf"][7] == "1 (1 failed)"
+    assert rows["si"][2] == "failed" and rows["si"][7] == "0 (2 failed)"
+    # One paired seed: a difference, but no interval and nothing significant.
+    assert rows["lwf"][4] == f"{fake_aa('lwf', 0) - fake_aa('naive', 0):+.2f}"
+    assert rows["si"][4] == "n/a"
     assert "- lwf seed 1: RuntimeError: boom lwf 1" in markdown
     # Nothing was written for the failed runs: the next comparison tries them again.
     calls = CountingRun(fake_run)
@@ -182,10 +193,10 @@ def test_finished_only_runs_nothing_and_tabulates_what_exists(tmp_path: Path, mo
     markdown = comparison.markdown()
     rows = table_rows(markdown)
     aa = [fake_aa("naive", s) for s in (0, 1)]
-    assert rows["naive"][2] == f"{statistics.mean(aa):.2f} ± {statistics.stdev(aa):.2f}"
-    assert rows["naive"][6] == "2 (1 not run yet)"
-    assert rows["ewc"][2] == f"{fake_aa('ewc', 0):.2f}" and rows["ewc"][6] == "1 (2 not run yet)"
-    assert rows["si"][2] == "not run yet" and rows["si"][6] == "0 (3 not run yet)"
+    assert rows["naive"][2] == ci(aa)
+    assert rows["naive"][7] == "2 (1 not run yet)"
+    assert rows["ewc"][2] == f"{fake_aa('ewc', 0):.2f}" and rows["ewc"][7] == "1 (2 not run yet)"
+    assert rows["si"][2] == "not run yet" and rows["si"][7] == "0 (3 not run yet)"
     assert "Not run yet (6 runs" in markdown and "si seed 2" in markdown
     records = {r["strategy"]: r for r in csv.DictReader(io.StringIO(comparison.csv()))}
     assert records["naive"]["missing_seeds"] == "2" and records["si"]["missing_seeds"] == "0 1 2"
@@ -224,20 +235,23 @@ def test_cli_compare_prints_and_writes_the_table(tmp_path: Path, monkeypatch) ->
     args += ["--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert len(counting.calls) == 6
-    for name in ("naive", "er-250", "er-500"):
+    # zeroshot and joint are added to the list given (the headroom rows).
+    assert len(counting.calls) == 10
+    for name in ("naive", "er-250", "er-500", "zeroshot", "joint"):
         assert f"| {name} |" in result.output
     written = (tmp_path / "compare-synthetic.md").read_text()
     assert table_rows(written) == table_rows(result.output)
-    assert (tmp_path / "compare-synthetic.csv").read_text().count("\n") == 4
+    assert (tmp_path / "compare-synthetic.csv").read_text().count("\n") == 6
 
     again = CliRunner().invoke(app, args)
-    assert again.exit_code == 0 and len(counting.calls) == 6
+    assert again.exit_code == 0 and len(counting.calls) == 10
     assert "reusing" in again.output
 
     finished = CliRunner().invoke(app, [*args[:6], "3", *args[7:], "--finished-only"])
     assert finished.exit_code == 0, finished.output
-    assert len(counting.calls) == 6
+    assert len(counting.calls) == 10
+    without = CliRunner().invoke(app, [*args, "--no-headroom", "--finished-only"])
+    assert without.exit_code == 0 and "| zeroshot |" not in without.output
     assert "| naive | - |" in finished.output and "2 (1 not run yet)" in finished.output
 
     bad = CliRunner().invoke(app, [*args[:4], "naive,bogus", *args[5:]])

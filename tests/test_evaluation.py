@@ -215,6 +215,7 @@ def test_classification_accuracy_and_weighted_f1() -> None:
     # class 0: F1 1 (support 3); class 1: TP 1, FP 2 -> F1 2/4 = 0.5 (support 1); class 2: F1 0
     # (support 2). weighted = (3 * 1 + 1 * 0.5 + 0) / 6; macro would be 0.5, micro 2/3.
     assert metrics["f1"] == pytest.approx(100 * 3.5 / 6)
+    assert metrics["f1_macro"] == pytest.approx(100 * 1.5 / 3)
     assert metrics["n"] == 6
 
 

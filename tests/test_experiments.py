@@ -127,3 +127,41 @@ def test_run_writes_a_table_and_reuses_finished_runs(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert "| P_TS only |" in result.output
+
+
+def test_tables_pair_rows_with_the_reference_and_add_headroom_rows(tmp_path: Path) -> None:
+    from cmmm.comparison import RunOutcome
+    from cmmm.experiments import DEFAULT_SEEDS, markdown_table, with_headroom_rows
+
+    path = tmp_path / "pair.toml"
+    path.write_text(
+        'stream = "synthetic"\n[base]\nstrategy = "naive"\n'
+        '[[rows]]\nlabel = "base"\n[[rows]]\nlabel = "ewc"\nstrategy = "ewc"\n'
+    )
+    experiment = load_experiment(path)
+    assert experiment.seeds == DEFAULT_SEEDS and experiment.reference_label() == "base"
+    experiment = with_headroom_rows(experiment, {"out": str(tmp_path)})
+    assert [(r.label, r.config.strategy) for r in experiment.rows][2:] == [
+        ("zeroshot", "zeroshot"),
+        ("joint", "joint"),
+    ]
+    # ewc - base: 1, 1.5, 1 over seeds 0-2 -> +1.17 ± 4.3027 * 0.2887 / sqrt(3) = 0.72.
+    aa = {"base": [60.0, 62.0, 61.0], "ewc": [61.0, 63.5, 62.0]}
+    outcomes = {row.label: [] for row in experiment.rows}
+    for label, values in aa.items():
+        for seed, value in enumerate(values):
+            result = {
+                "config": {"seed": seed},
+                "aa": value,
+                "fm": 1.0,
+                "parameters": {"trainable": 1},
+                "wall_time_seconds": 1.0,
+            }
+            outcomes[label].append(RunOutcome(label, seed, "ran", tmp_path, result))
+    table = markdown_table(experiment, outcomes)
+    # ewc AA 61, 63.5, 62: s = sqrt(1.5833) = 1.2583, half-width 4.3027 * 1.2583 / sqrt(3) = 3.13.
+    assert "| ewc | 62.17 ± 3.13 | 1.00 ± 0.00 | +1.17 ± 0.72 * |" in table
+    assert "**1 of 3 rows differ significantly from base** (2 with fewer than 2 paired" in table
+    experiment.reference = "nope"
+    with pytest.raises(ConfigError, match="not a row label"):
+        experiment.reference_label()

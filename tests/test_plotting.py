@@ -183,7 +183,9 @@ def test_compare_shows_aa_and_fm_with_spread(runs_dir: Path) -> None:
     fm = [metrics(NAIVE_0, False)["fm"], metrics(NAIVE_1, False)["fm"]]
     assert line(fig, "fm|naive").get_ydata()[0] == pytest.approx(np.mean(fm))
     aa_ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
-    assert aa_ticks[0] == f"naive\n{np.mean(aa):.2f} ± {np.std(aa, ddof=1):.2f}\nn=2 seeds"
+    # Two seeds: half-width t(0.975, 1) * s / sqrt(2) = 12.7062 * s / sqrt(2).
+    half = 12.7062 * np.std(aa, ddof=1) / np.sqrt(2)
+    assert aa_ticks[0] == f"naive\n{np.mean(aa):.2f} ± {half:.2f}\nn=2 seeds"
     fm_ticks = [t.get_text() for t in fig.axes[1].get_xticklabels()]
     assert "n/a (joint)" in fm_ticks[-1]  # joint last, no forgetting
     assert not [ln for ln in fig.axes[1].get_lines() if ln.get_gid() == "fm|joint"]
@@ -203,9 +205,8 @@ def test_compare_of_many_strategies_draws_one_row_each(tmp_path: Path) -> None:
         marker = line(fig, f"aa|{name}")
         assert marker.get_xdata()[0] == pytest.approx(np.mean(aa))
         assert marker.get_ydata()[0] == k
-        assert f"{np.mean(aa):.2f} ± {np.std(aa, ddof=1):.2f}" in [
-            t.get_text() for t in fig.axes[0].texts
-        ]
+        half = 12.7062 * np.std(aa, ddof=1) / np.sqrt(2)  # 95 % CI of two seeds
+        assert f"{np.mean(aa):.2f} ± {half:.2f}" in [t.get_text() for t in fig.axes[0].texts]
     rows = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert rows == [f"{name} (n=2 seeds)" for name in names] + ["joint (n=1 seed)"]
     bottom, top = fig.axes[0].get_ylim()

@@ -159,7 +159,7 @@ def test_stream_record(naive_run) -> None:
     assert [t["train_samples"] for t in stream["tasks"]] == [64] * 7
     assert [t["test_samples"] for t in stream["tasks"]] == [32] * 7
     assert stream["tasks"][1]["pattern"] == [False, True, True]
-    assert results["strategy"] == {"name": "naive", "joint": False, "options": {}}
+    assert results["strategy"] == {"name": "naive", "joint": False, "trains": True, "options": {}}
 
 
 def test_parameters_and_times(naive_run) -> None:
