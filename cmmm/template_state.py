@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from cmmm.errors import CheckpointError
+from cmmm.legacy_state import convert_training_state
 from streams.missing_stream import SAMPLE_KEY
 
 State = dict[str, Any]
@@ -130,6 +131,8 @@ def restore_template_state(template: Any, state: State, samples: StreamSamples) 
     configuration."""
     context = StateContext(template, samples)
     model: nn.Module = template.model
+    # A checkpoint written before MulT's transformers were stacked names their old parameters.
+    convert_training_state(model, state)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as error:

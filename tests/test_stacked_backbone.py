@@ -250,3 +250,43 @@ def test_recording_gives_each_cross_output_and_key_values() -> None:
         recording.cross_key_values[("video", "audio", 0)],
         recording.cross_key_values[("text", "audio", 0)],
     )
+
+
+def test_training_state_of_the_old_layout_resumes_with_the_same_adam_moments() -> None:
+    """A checkpoint's trainable names and Adam state written with the per-transformer MulT are
+    converted: one more step from it equals one more step of the reference."""
+    from cmmm.legacy_state import convert_training_state
+    from cmmm.template_state import _optimizer_state, _restore_optimizer_state
+
+    layout = layout_of(3, 2)
+    config = MulTConfig(
+        d_model=6, num_heads=2, layers=2, self_layers=1, **NO_DROPOUT, out_dropout=0.0
+    )
+    reference, stacked = pair(layout, config)
+    x, y = batch(layout, 8), torch.randn(8)
+
+    class Template:
+        def __init__(self, model: torch.nn.Module) -> None:
+            self.model = model
+            self.optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    old = Template(reference.train())
+    for _ in range(3):
+        old.optimizer.zero_grad()
+        F.l1_loss(reference(x), y).backward()
+        old.optimizer.step()
+    saved = {
+        "model": copy.deepcopy(reference.state_dict()),
+        "trainable": [n for n, p in reference.named_parameters() if p.requires_grad],
+        "optimizer": copy.deepcopy(_optimizer_state(old)),
+    }
+    new = Template(stacked.train())
+    assert convert_training_state(stacked, saved)
+    stacked.load_state_dict(saved["model"])
+    _restore_optimizer_state(new, saved["optimizer"])
+    assert set(saved["trainable"]) == {n for n, _ in stacked.named_parameters()}
+    for template, model in ((old, reference), (new, stacked)):
+        template.optimizer.zero_grad()
+        F.l1_loss(model(x), y).backward()
+        template.optimizer.step()
+    torch.testing.assert_close(stacked(x), reference(x), rtol=0, atol=1e-5)
