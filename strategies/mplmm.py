@@ -131,8 +131,8 @@ class MPLMMPrompts(nn.Module):
         bits = (presence > 0.5).long()
         powers = 2 ** torch.arange(bits.shape[1], device=bits.device)
         index = self._lookup.to(bits.device)[(bits * powers).sum(dim=1)]
-        if (index < 0).any():
-            raise ConfigError("mplmm: a sample has every modality missing")
+        # Checked on the device: no host synchronisation inside a training step.
+        torch._assert_async((index >= 0).all(), "mplmm: a sample has every modality missing")
         return index
 
     # --- generation and missing-signal prompts (raw feature space) -----------------------------

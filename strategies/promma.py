@@ -267,7 +267,7 @@ class ProMMAModel(PromptedModel):
         super().__init__(backbone, prompts, trainable_head)
         self.loss_weights = loss_weights
         self.aux_loss: Tensor | None = None
-        self.last_terms: dict[str, float] = {}
+        self.last_terms: dict[str, Tensor] = {}
 
     def pooled_inputs(self, x: Tensor) -> Tensor:
         """(B, M, d): every modality's projected tokens, mean over time (zero when missing)."""
@@ -341,7 +341,7 @@ class ProMMAModel(PromptedModel):
         for name, value in terms.items():
             if value is None or self.loss_weights[name] == 0:
                 continue
-            self.last_terms[name] = float(value.detach())
+            self.last_terms[name] = value.detach()
             weighted = self.loss_weights[name] * value
             total = weighted if total is None else total + weighted
         return total
