@@ -68,19 +68,24 @@ class ComparisonRow:
     def _spread(values: list[float]) -> float | None:
         return statistics.stdev(values) if len(values) > 1 else None
 
-    def markdown_cells(self, held_out: bool = False, difference: str | None = None) -> list[str]:
-        """The row's cells; ``held_out`` adds the AA on held-out patterns after FM, and
-        ``difference`` (the paired difference to the reference) comes after those."""
+    def markdown_cells(
+        self, held_out: bool = False, difference: str | None = None, valid: bool = False
+    ) -> list[str]:
+        """The row's cells; ``valid`` adds the AA on the validation splits after FM,
+        ``held_out`` the AA on held-out patterns after that, and ``difference`` (the paired
+        difference to the reference) comes after those."""
         buffer = "-" if self.buffer is None else str(self.buffer)
         failed = f" ({len(self.failed_seeds)} failed)" if self.failed_seeds else ""
         failed += f" ({len(self.missing_seeds)} not run yet)" if self.missing_seeds else ""
         agg = self.aggregate
         if agg is None:
             state = "failed" if self.failed_seeds else "not run yet"
-            extra = [state] if held_out else []
+            extra = [state] if valid else []
+            extra += [state] if held_out else []
             extra += [] if difference is None else ["n/a"]
             return [self.strategy, buffer, state, state, *extra, "-", "-", f"0{failed}"]
-        extra = [interval_cell(agg.held_out_aa)] if held_out else []
+        extra = [interval_cell(agg.valid_aa)] if valid else []
+        extra += [interval_cell(agg.held_out_aa)] if held_out else []
         extra += [] if difference is None else [difference]
         return [
             self.strategy,
@@ -116,6 +121,8 @@ class ComparisonRow:
                 fm_mean=self._mean(agg.fm),
                 fm_std=self._spread(agg.fm),
                 fm_ci95=_half_width(agg.fm),
+                valid_aa_mean=self._mean(agg.valid_aa),
+                valid_aa_ci95=_half_width(agg.valid_aa),
                 held_out_aa_mean=self._mean(agg.held_out_aa),
                 held_out_aa_std=self._spread(agg.held_out_aa),
                 trainable=agg.trainable,
@@ -135,6 +142,8 @@ CSV_FIELDS = [
     "fm_mean",
     "fm_std",
     "fm_ci95",
+    "valid_aa_mean",
+    "valid_aa_ci95",
     "held_out_aa_mean",
     "held_out_aa_std",
     "trainable",
@@ -195,7 +204,15 @@ class Comparison:
         if settings:
             lines += ["", "Settings: " + "; ".join(settings)]
         held_out = any(row.aggregate and row.aggregate.held_out_aa for row in self.rows)
+        valid = any(row.aggregate and row.aggregate.valid_aa for row in self.rows)
         header = list(MARKDOWN_HEADER)
+        if valid:
+            header.insert(header.index("FM") + 1, "AA valid (%)")
+            lines += [
+                "",
+                "AA valid: the same AA on every task's validation split, the number to choose "
+                "options by (test numbers are for reporting only).",
+            ]
         if held_out:
             header.insert(header.index("FM") + 1, "AA held-out (%)")
             lines += ["", "AA held-out: accuracy on the missing cases no task trained on."]
@@ -215,7 +232,8 @@ class Comparison:
                     if row.strategy == self.reference
                     else (difference_cell(differences.get(row.strategy)))
                 )
-            lines.append("| " + " | ".join(row.markdown_cells(held_out, difference)) + " |")
+            cells = row.markdown_cells(held_out, difference, valid)
+            lines.append("| " + " | ".join(cells) + " |")
         if differences:
             lines += ["", self.significance_footer(differences)]
         elif self.reference is not None:

@@ -405,9 +405,9 @@ def run(
         model: nn.Module = template.model
         num_steps = 1 if strategy.joint else len(stream.tasks)
 
-        def evaluator_of(tasks: list[StreamTask]) -> Evaluator:
+        def evaluator_of(tasks: list[StreamTask], split: str = "test") -> Evaluator:
             return Evaluator(
-                [EvalTask(task.name, task.test) for task in tasks],
+                [EvalTask(task.name, getattr(task, split)) for task in tasks],
                 family=dataset.metric_family,
                 num_classes=dataset.num_classes,
                 batch_size=config.eval_batch_size,
@@ -417,6 +417,13 @@ def run(
 
         evaluator = evaluator_of(stream.tasks)
         held_out = evaluator_of(stream.held_out) if stream.held_out else None
+        # The same matrix on every task's validation split: what options are chosen on (test
+        # numbers never are). None when a task has no validation samples.
+        validation = (
+            evaluator_of(stream.tasks, "valid")
+            if all(len(task.valid) > 0 for task in stream.tasks)
+            else None
+        )
         benchmark = stream.avalanche_benchmark()
         samples = StreamSamples(benchmark.train_stream)
         first_step, train_seconds, earlier_wall = 0, 0.0, 0.0
@@ -426,6 +433,11 @@ def run(
             evaluator.load_state_dict(checkpoint.evaluator)
             if held_out is not None:
                 held_out.load_state_dict(checkpoint.evaluator["held_out"])
+            if validation is not None:
+                if "valid" in checkpoint.evaluator:
+                    validation.load_state_dict(checkpoint.evaluator["valid"])
+                else:
+                    validation = None  # a checkpoint from before validation was recorded
             first_step = checkpoint.completed_steps
             train_seconds, earlier_wall = checkpoint.train_seconds, checkpoint.wall_seconds
             # How the run's backbone was made (this session may have found it in the cache).
@@ -454,6 +466,11 @@ def run(
                 writer.add_scalar(
                     "aa_held_out", float(np.mean([m["acc"] for m in per_held_out])), step
                 )
+            if validation is not None:
+                per_valid = validation.evaluate_and_record(step, model)
+                writer.add_scalar(
+                    "aa_valid", float(np.mean([m["acc"] for m in per_valid[: step + 1]])), step
+                )
             if on_step is not None:
                 on_step(step, per_task)
 
@@ -470,6 +487,7 @@ def run(
                     evaluator={
                         **evaluator.state_dict(),
                         **({} if held_out is None else {"held_out": held_out.state_dict()}),
+                        **({} if validation is None else {"valid": validation.state_dict()}),
                     },
                     pretraining=pretraining,
                     train_seconds=train_seconds,
@@ -499,6 +517,7 @@ def run(
             summary,
             model,
             held_out=None if held_out is None else held_out.summary(),
+            valid=None if validation is None else validation.summary(),
             total_backbone=total_backbone,
             pretraining=pretraining,
             wall_seconds=earlier_wall + time.perf_counter() - started,
@@ -523,6 +542,7 @@ def results_record(
     model: nn.Module,
     *,
     held_out: dict[str, Any] | None = None,
+    valid: dict[str, Any] | None = None,
     total_backbone: int,
     pretraining: dict[str, Any],
     wall_seconds: float,
@@ -530,7 +550,8 @@ def results_record(
 ) -> dict[str, Any]:
     """What ``results.json`` holds (see the README's Outputs). ``total_backbone``: the
     backbone's parameters, counted before the strategy wrapped it. ``held_out``: the summary of
-    the held-out patterns' evaluator, when the run has any."""
+    the held-out patterns' evaluator, when the run has any; ``valid``: the same evaluator's
+    summary on every task's validation split."""
     stream = prepared.stream
     dataset = stream.dataset
     trainable = count_parameters(model, trainable_only=True)
@@ -549,6 +570,10 @@ def results_record(
             # Rows: training steps (as in "matrix"); columns: the held-out patterns.
             **{k: held_out[k] for k in ("matrix", "aa", "per_task_final")},
         }
+    if valid is not None:
+        # Rows and columns as in "matrix", on each task's validation split: what options are
+        # chosen on.
+        extra["valid"] = {k: valid[k] for k in ("matrix", "aa", "fm", "per_task_final")}
     return {
         "config": asdict(config),
         "run_dir": str(config.run_dir()),

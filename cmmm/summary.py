@@ -33,6 +33,8 @@ class Aggregate:
     trainable: int
     # AA on the held-out patterns (``--eval-patterns``) of the seeds that have them.
     held_out_aa: list[float] = field(default_factory=list)
+    # AA on the tasks' validation splits, of the seeds that recorded it: what to choose on.
+    valid_aa: list[float] = field(default_factory=list)
 
     def row(self) -> list[str]:
         return [
@@ -86,6 +88,11 @@ def aggregate(results: list[dict[str, Any]]) -> list[Aggregate]:
                     r["held_out"]["aa"]
                     for r in members
                     if r.get("held_out") and r["held_out"]["aa"] is not None
+                ],
+                valid_aa=[
+                    r["valid"]["aa"]
+                    for r in members
+                    if r.get("valid") and r["valid"]["aa"] is not None
                 ],
             )
         )
