@@ -27,7 +27,12 @@ from cmmm import running
 from cmmm.checkpoints import CHECKPOINT_FILE
 from cmmm.errors import ConfigError
 from cmmm.running import RunConfig, atomic_write_text
-from cmmm.significance import difference_cell, interval_cell, paired_difference, t_interval
+from cmmm.significance import (
+    difference_cell,
+    half_width,
+    interval_cell,
+    paired_difference,
+)
 from cmmm.summary import Aggregate, aggregate, mean_spread
 
 # The rows every comparison shows unless told not to: what training adds over the pre-trained
@@ -117,12 +122,12 @@ class ComparisonRow:
             record.update(
                 aa_mean=self._mean(agg.aa),
                 aa_std=self._spread(agg.aa),
-                aa_ci95=_half_width(agg.aa),
+                aa_ci95=half_width(agg.aa),
                 fm_mean=self._mean(agg.fm),
                 fm_std=self._spread(agg.fm),
-                fm_ci95=_half_width(agg.fm),
+                fm_ci95=half_width(agg.fm),
                 valid_aa_mean=self._mean(agg.valid_aa),
-                valid_aa_ci95=_half_width(agg.valid_aa),
+                valid_aa_ci95=half_width(agg.valid_aa),
                 held_out_aa_mean=self._mean(agg.held_out_aa),
                 held_out_aa_std=self._spread(agg.held_out_aa),
                 trainable=agg.trainable,
@@ -157,11 +162,6 @@ CSV_FIELDS = [
     "aa_diff_significant",
     "paired_seeds",
 ]
-
-
-def _half_width(values: list[float]) -> float | None:
-    interval = t_interval(values)
-    return None if interval is None else interval.half_width
 
 
 @dataclass

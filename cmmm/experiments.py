@@ -60,7 +60,12 @@ from typing import TYPE_CHECKING, Any
 from cmmm.comparison import RunOutcome, run_or_reuse
 from cmmm.errors import ConfigError
 from cmmm.running import RunConfig, atomic_write_text
-from cmmm.significance import difference_cell, interval_cell, paired_difference, t_interval
+from cmmm.significance import (
+    difference_cell,
+    half_width,
+    interval_cell,
+    paired_difference,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -458,11 +463,6 @@ CSV_METRICS = [
 ]
 
 
-def _half_width(values: list[float]) -> float | None:
-    interval = t_interval(values)
-    return None if interval is None else interval.half_width
-
-
 def csv_table(experiment: Experiment, outcomes: dict[str, list[RunOutcome]]) -> str:
     """One line per row: its label, its grid values (one column each) and its metrics."""
     grid_columns: list[str] = []
@@ -487,8 +487,8 @@ def csv_table(experiment: Experiment, outcomes: dict[str, list[RunOutcome]]) -> 
         record.update(
             aa_mean=statistics.mean(stats.aa) if stats.aa else None,
             aa_std=statistics.stdev(stats.aa) if len(stats.aa) > 1 else None,
-            aa_ci95=_half_width(stats.aa),
-            fm_ci95=_half_width(stats.fm),
+            aa_ci95=half_width(stats.aa),
+            fm_ci95=half_width(stats.fm),
             fm_mean=statistics.mean(stats.fm) if stats.fm else None,
             fm_std=statistics.stdev(stats.fm) if len(stats.fm) > 1 else None,
             held_out_aa_mean=statistics.mean(stats.held_out_aa) if stats.held_out_aa else None,

@@ -113,6 +113,12 @@ def t_interval(values: Sequence[float]) -> Interval | None:
     return Interval(mean, half, n)
 
 
+def half_width(values: Sequence[float]) -> float | None:
+    """The 95 % interval's half-width of the mean of ``values``; None below two values."""
+    interval = t_interval(values)
+    return None if interval is None else interval.half_width
+
+
 def paired_difference(
     row: Mapping[int, float], reference: Mapping[int, float]
 ) -> tuple[Interval, list[int]] | None:
