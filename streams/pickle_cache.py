@@ -131,15 +131,11 @@ def convert_in_child(
             log(line[len(_LOG_PREFIX) :])
     if finished.returncode == 0 and (entry / META_FILE).is_file():
         return
-    last_line = next(
-        (line for line in reversed(finished.stderr.splitlines()) if line.strip()), ""
-    )
+    last_line = next((line for line in reversed(finished.stderr.splitlines()) if line.strip()), "")
     raise DataError(_failure_message(path, finished.returncode, last_line, cpu_seconds, memory))
 
 
-def _failure_message(
-    path: Path, code: int, last_line: str, cpu_seconds: int, memory: int
-) -> str:
+def _failure_message(path: Path, code: int, last_line: str, cpu_seconds: int, memory: int) -> str:
     if code == EXIT_DATA_ERROR and last_line:
         return one_line(last_line)  # the child's DataError, which names the file
     if code == EXIT_OUT_OF_MEMORY:

@@ -308,9 +308,7 @@ class _Interpreter:
             name = opcode.name
             handler = getattr(self, f"op_{name}", None)
             if handler is None:
-                raise _Refused(
-                    f"it uses the {name} opcode, which feature pickles never need"
-                )
+                raise _Refused(f"it uses the {name} opcode, which feature pickles never need")
             if name == "STOP":
                 return self.finish()
             handler(arg)
@@ -707,7 +705,9 @@ def _object_array(shape: tuple[int, ...], items: object, fortran: bool) -> np.nd
     count = math.prod(shape)
     if not isinstance(items, list) or len(items) != count:
         given = f"{len(items)} items" if isinstance(items, list) else type(items).__name__
-        raise _Refused(f"an object array of shape {shape} needs a list of {count} items, got {given}")
+        raise _Refused(
+            f"an object array of shape {shape} needs a list of {count} items, got {given}"
+        )
     flat = np.empty(count, dtype=object)
     for position, item in enumerate(items):
         if not isinstance(item, _OBJECT_ITEM_TYPES):
