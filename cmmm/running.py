@@ -37,6 +37,7 @@ from cmmm.checkpoints import (
     rewind_event_files,
     write_checkpoint,
 )
+from cmmm.config_checks import check_run_settings
 from cmmm.errors import CheckpointError, CmmmError, ConfigError, one_line
 from cmmm.evaluation import EvalTask, Evaluator
 from cmmm.pretraining import backbone_config_for, pretrained_backbone, task_criterion
@@ -115,6 +116,7 @@ class RunConfig:
         return RunConfig(**filled).validate()
 
     def validate(self) -> RunConfig:
+        check_run_settings(self)  # types and upper bounds first, so the checks below can compare
         for name in ("epochs", "batch_size", "eval_batch_size"):
             value = getattr(self, name)
             if value is None or value < 1:
