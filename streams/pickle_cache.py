@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from cmmm.atomic_files import current_umask
 from cmmm.errors import DataError, one_line
 from streams.base import MultimodalDataset, Split
 
@@ -197,7 +198,7 @@ def write_cache(dataset: MultimodalDataset, entry: Path) -> None:
         with open(staging / ARRAYS_FILE, "wb") as handle:
             np.savez(handle, **arrays)
         (staging / META_FILE).write_text(json.dumps(meta), encoding="utf-8")
-        os.chmod(staging, 0o755 & ~_umask())
+        os.chmod(staging, 0o777 & ~current_umask())
         os.replace(staging, entry)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -240,12 +241,6 @@ def read_cache(entry: Path) -> MultimodalDataset:
         raise DataError(
             f"{entry}: damaged cache entry ({type(error).__name__}: {one_line(error)[:160]})"
         ) from None
-
-
-def _umask() -> int:
-    current = os.umask(0o022)
-    os.umask(current)
-    return current
 
 
 # --------------------------------------------------------------------------------------------
