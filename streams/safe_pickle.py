@@ -200,6 +200,7 @@ class _Interpreter:
 
     def __init__(self, file_size: int, limits: PickleLimits) -> None:
         self.limits = limits
+        self.file_size = file_size
         self.max_weight = limits.expansion_factor * file_size + limits.expansion_slack
         self.stack: list[object] = []
         self.marks: list[list[object]] = []
@@ -326,7 +327,10 @@ class _Interpreter:
             raise _Malformed(f"unknown pickle protocol {arg!r}")
 
     def op_FRAME(self, arg: object) -> None:
-        pass  # a hint for buffering; the opcodes that follow are read as usual
+        # A hint for buffering (the opcodes that follow are read as usual), but one declaring
+        # more than the file holds marks a damaged or forged file.
+        if not isinstance(arg, int) or arg > self.file_size:
+            raise _Malformed(f"a frame declares {arg} bytes but the file has {self.file_size}")
 
     def op_MARK(self, arg: object) -> None:
         if len(self.marks) >= self.limits.max_marks:
