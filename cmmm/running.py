@@ -105,7 +105,12 @@ class RunConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"{where}: unknown settings {unknown}; valid: {sorted(known)}")
-        return cls(**values)
+        config = cls(**values)
+        try:
+            check_run_settings(config)
+        except ConfigError as error:
+            raise ConfigError(f"{where}: {error}") from None
+        return config
 
     def resolved(self) -> RunConfig:
         """A copy with every unset value filled from the stream's defaults (then the paper's)."""
