@@ -40,7 +40,9 @@ class DivergenceError(CmmmError):
 @contextlib.contextmanager
 def locked_run_directory(run_dir: Path) -> Iterator[Path]:
     """Create ``run_dir`` if needed and hold its write lock for the ``with`` block."""
-    created = not run_dir.exists()
+    # The directories this call creates (the run's, and --out's if new): removed again if the
+    # run writes nothing, so that a refused configuration leaves no trace.
+    created = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # --out names a file, or a directory we may not write
@@ -62,16 +64,18 @@ def locked_run_directory(run_dir: Path) -> Iterator[Path]:
     finally:
         os.close(descriptor)  # releases the lock
         if created:
-            _remove_if_only_the_lock(run_dir)
+            _remove_if_unused(run_dir, created)
 
 
-def _remove_if_only_the_lock(run_dir: Path) -> None:
+def _remove_if_unused(run_dir: Path, created: list[Path]) -> None:
     # A run that failed before writing anything (say, its data is missing) leaves no empty
     # directory behind. The lock file stays in any directory that holds something else.
     try:
-        if [p.name for p in run_dir.iterdir()] == [LOCK_FILE]:
-            (run_dir / LOCK_FILE).unlink()
-            run_dir.rmdir()
+        if [p.name for p in run_dir.iterdir()] != [LOCK_FILE]:
+            return
+        (run_dir / LOCK_FILE).unlink()
+        for directory in created:  # innermost first; stops at one something else now holds
+            directory.rmdir()
     except OSError:
         pass
 

@@ -805,9 +805,9 @@ def safe_load(path: Path, limits: PickleLimits = DEFAULT_LIMITS) -> object:
     except OSError as error:
         raise DataError(f"cannot read {path}: {_short(error.strerror or error)}") from None
     except (_Malformed, ValueError, UnicodeError, OverflowError, EOFError) as error:
+        kind = "" if isinstance(error, _Malformed) else f"{type(error).__name__}: "
         raise DataError(
-            f"{path} is truncated or not a pickle ({type(error).__name__.lstrip('_')}: "
-            f"{_short(error)}); download the file again"
+            f"{path} is truncated or not a pickle ({kind}{_short(error)}); download the file again"
         ) from None
     except RecursionError:  # pragma: no cover - the reader is not recursive; kept as a net
         raise DataError(f"{path}: nested too deeply to read") from None
