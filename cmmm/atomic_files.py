@@ -47,7 +47,9 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
 
 
 def _name_path(error: OSError, path: Path) -> None:
-    if error.filename is None:
+    # Only a system error (errno and strerror set) prints its filename; setting one on another
+    # OSError would replace its message.
+    if error.filename is None and error.strerror is not None:
         error.filename = str(path)
 
 
