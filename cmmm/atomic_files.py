@@ -22,18 +22,50 @@ def _temporary_prefix(path: Path) -> str:
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Create or replace ``path`` with what ``write`` writes to the binary handle it is given."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=".tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=".tmp")
+    except OSError as error:
+        _name_path(error, path.parent)
+        raise
+    try:
+        # mkstemp makes the file 0600; a result or checkpoint gets the usual 0644 (umask).
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        # A write to a full disk names no file; the message should name the one being written.
+        _name_path(error, path)
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     _fsync_directory(path.parent)
+
+
+def _name_path(error: OSError, path: Path) -> None:
+    # Only a system error (errno and strerror set) prints its filename; setting one on another
+    # OSError would replace its message.
+    if error.filename is None and error.strerror is not None:
+        error.filename = str(path)
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system allows."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    # Elsewhere: set and restore (not atomic across threads, which cmmm does not write from).
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: Path, text: str) -> None:

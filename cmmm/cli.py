@@ -1,7 +1,8 @@
 """The ``cmmm`` command line.
 
 Every ``CmmmError`` ends the command with a one-line message on stderr and exit code 2, never a
-traceback: the message says what was wrong and what to do.
+traceback: the message says what was wrong and what to do. Any other failure ends in one line
+too (``cmmm.cli_errors``): Ctrl-C exits with 130, others with 2.
 """
 
 from __future__ import annotations
@@ -82,6 +83,17 @@ def reports_errors(command: F) -> F:
             message = Text.assemble(("error:", "bold red"), " ", one_line(error))
             console.print(message, highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
+        except BaseException as error:  # noqa: BLE001 - no traceback, ever (cmmm.cli_errors)
+            from cmmm.cli_errors import describe_failure
+
+            failure = describe_failure(error)
+            if failure is None:
+                raise
+            code, text = failure
+            console.print(
+                Text.assemble(("error:", "bold red"), " ", text), highlight=False, soft_wrap=True
+            )
+            raise typer.Exit(code=code) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -25,21 +25,36 @@ from typing import Any
 from cmmm.errors import ConfigError
 from cmmm.running import RunConfig
 
+# A run's settings fit in a few kilobytes; a results.json with its history in well under this.
+MAX_CONFIG_BYTES = 16 * 2**20
+
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The ``RunConfig`` values a TOML file or a ``results.json`` holds (unknown keys refused)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"{path}: a config file of {path.stat().st_size} bytes is not a run's settings "
+                f"(at most {MAX_CONFIG_BYTES}); give the TOML file or the results.json"
+            )
+        text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise ConfigError(
             f"{path}: cannot read the config file ({error.strerror or error})"
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"{path}: not a text file (not UTF-8); give a TOML file of run settings or a "
+            "finished run's results.json"
         ) from None
     if path.suffix == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:
             raise ConfigError(f"{path}: not valid JSON ({error})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: JSON nested too deeply to be run settings") from None
         # A finished run's results.json: repeat exactly the configuration it ran.
         values = data.get("config", data) if isinstance(data, dict) else None
     else:

@@ -38,10 +38,12 @@ from cmmm.checkpoints import (
     rewind_event_files,
     write_checkpoint,
 )
-from cmmm.errors import CheckpointError, ConfigError
+from cmmm.config_checks import check_run_settings
+from cmmm.errors import CheckpointError, CmmmError, ConfigError, one_line
 from cmmm.evaluation import EvalTask, Evaluator
 from cmmm.pretraining import backbone_config_for, pretrained_backbone, task_criterion
 from cmmm.results import ADDED_SETTINGS, RESULTS_FILE
+from cmmm.run_guard import DivergenceGuard, locked_run_directory
 from cmmm.template_state import (
     StateContext,
     StreamSamples,
@@ -109,7 +111,12 @@ class RunConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"{where}: unknown settings {unknown}; valid: {sorted(known)}")
-        return cls(**values)
+        config = cls(**values)
+        try:
+            check_run_settings(config)
+        except ConfigError as error:
+            raise ConfigError(f"{where}: {error}") from None
+        return config
 
     def resolved(self) -> RunConfig:
         """A copy with every unset value filled from the stream's defaults (then the paper's)."""
@@ -120,6 +127,7 @@ class RunConfig:
         return RunConfig(**filled).validate()
 
     def validate(self) -> RunConfig:
+        check_run_settings(self)  # types and upper bounds first, so the checks below can compare
         for name in ("epochs", "batch_size", "eval_batch_size"):
             value = getattr(self, name)
             if value is None or value < 1:
@@ -357,6 +365,24 @@ def run(
     resume: bool = False,
     stop_after: int | None = None,
 ) -> dict[str, Any]:
+    """``run_unlocked`` holding the run directory's write lock (``cmmm.run_guard``): a second
+    process writing the same run directory gets a ``RunDirectoryBusyError`` at once."""
+    with locked_run_directory(config.resolved().run_dir()):
+        return run_unlocked(
+            config, log, on_epoch, on_step, on_start, resume=resume, stop_after=stop_after
+        )
+
+
+def run_unlocked(
+    config: RunConfig,
+    log: Callable[[str], None] = print,
+    on_epoch: Callable[[int, int, float], None] | None = None,
+    on_step: Callable[[int, list[dict[str, float]]], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+    *,
+    resume: bool = False,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
     """Run one configuration end to end and write ``results.json`` and TensorBoard events.
 
     After every training step the run replaces ``checkpoint.pt`` in its directory
@@ -374,7 +400,7 @@ def run(
     strategy_entry = STRATEGIES.get(config.strategy)
     run_dir = config.run_dir()
     checkpoint_path = run_dir / CHECKPOINT_FILE
-    checkpoint = read_checkpoint(checkpoint_path) if resume else None
+    checkpoint = read_checkpoint(checkpoint_path, log) if resume else None
     if checkpoint is not None:
         checkpoint.check_config(asdict(config), config.key(), checkpoint_path)
     elif checkpoint_path.exists() and not (run_dir / RESULTS_FILE).exists():
@@ -400,10 +426,15 @@ def run(
     writer = SummaryWriter(log_dir=str(tensorboard_dir))
     try:
         monitor = TrainingMonitor(writer, on_epoch or (lambda *_: None))
-        ctx = prepared.strategy_context(config, plugins=[monitor])
+        num_steps = 1 if strategy.joint else len(stream.tasks)
+        guard = DivergenceGuard(
+            num_steps,
+            f"lower --lr (now {config.lr:g}) or check the data; the checkpoint of the last "
+            f"finished step (if any) is kept in {run_dir}",
+        )
+        ctx = prepared.strategy_context(config, plugins=[monitor, guard])
         template = strategy.build(ctx)
         model: nn.Module = template.model
-        num_steps = 1 if strategy.joint else len(stream.tasks)
 
         def evaluator_of(tasks: list[StreamTask], split: str = "test") -> Evaluator:
             return Evaluator(
@@ -429,22 +460,29 @@ def run(
         first_step, train_seconds, earlier_wall = 0, 0.0, 0.0
         pretraining = prepared.pretraining
         if checkpoint is not None:
-            restore_template_state(template, checkpoint.template, samples)
-            evaluator.load_state_dict(checkpoint.evaluator)
-            if held_out is not None:
-                held_out.load_state_dict(checkpoint.evaluator["held_out"])
-            if validation is not None:
-                if "valid" in checkpoint.evaluator:
-                    validation.load_state_dict(checkpoint.evaluator["valid"])
-                else:
-                    validation = None  # a checkpoint from before validation was recorded
+            if checkpoint.num_steps != num_steps:
+                raise CheckpointError(
+                    f"{checkpoint_path}: field 'num_steps' is {checkpoint.num_steps} but this "
+                    f"run has {num_steps} steps; the checkpoint was edited or belongs elsewhere"
+                )
+            if validation is not None and "valid" not in checkpoint.evaluator:
+                validation = None  # a checkpoint from before validation was recorded
+            restore_checkpoint(
+                checkpoint_path, template, checkpoint, samples, evaluator, held_out, validation
+            )
             first_step = checkpoint.completed_steps
             train_seconds, earlier_wall = checkpoint.train_seconds, checkpoint.wall_seconds
             # How the run's backbone was made (this session may have found it in the cache).
             pretraining = checkpoint.pretraining
             # Last: building and restoring drew random numbers; the run continues from the
             # generators' state at the checkpoint.
-            restore_rng(checkpoint.rng)
+            try:
+                restore_rng(checkpoint.rng)
+            except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
+                raise CheckpointError(
+                    f"{checkpoint_path}: field 'rng' cannot be restored ({type(error).__name__}: "
+                    f"{one_line(error)[:160]}); delete the run directory to start the run over"
+                ) from None
             log(f"resuming after step {first_step} of {num_steps} from {checkpoint_path}")
         if on_start is not None:
             on_start(config.epochs * (num_steps - first_step) if strategy.trains else 0)
@@ -501,6 +539,7 @@ def run(
         steps = [benchmark.train_stream] if strategy.joint else benchmark.train_stream
         for step, experience in itertools.islice(enumerate(steps), first_step, None):
             monitor.start_step(step)
+            guard.start_step(step)
             tick = time.perf_counter()
             template.train(experience)
             train_seconds += time.perf_counter() - tick
@@ -509,6 +548,13 @@ def run(
             if stop_after is not None and step + 1 == stop_after < num_steps:
                 raise RunStopped(run_dir, step + 1)
 
+        # A run is finished only when every step was trained and scored (a checkpoint claiming
+        # more steps than it scored is refused when read; this is the last line of defence).
+        if sorted(evaluator.history) != list(range(num_steps)):
+            raise CheckpointError(
+                f"{run_dir}: only steps {sorted(evaluator.history)} of {num_steps} were scored; "
+                "no results written. Delete the run directory to start over"
+            )
         summary = evaluator.summary()
         results = results_record(
             config,
@@ -532,6 +578,38 @@ def run(
         writer.close()
     atomic_write_text(run_dir / RESULTS_FILE, json.dumps(results, indent=2))
     return results
+
+
+def restore_checkpoint(
+    path: Path,
+    template: Any,
+    checkpoint: RunCheckpoint,
+    samples: StreamSamples,
+    evaluator: Evaluator,
+    held_out: Evaluator | None,
+    validation: Evaluator | None = None,
+) -> None:
+    """Put the checkpoint's template and evaluator states back; a state that does not fit (an
+    edited field, a tensor of the wrong shape) is a ``CheckpointError`` naming the field."""
+    field_name = "template"
+    try:
+        restore_template_state(template, checkpoint.template, samples)
+        field_name = "evaluator"
+        evaluator.load_state_dict(checkpoint.evaluator)
+        if held_out is not None:
+            field_name = "evaluator.held_out"
+            held_out.load_state_dict(checkpoint.evaluator["held_out"])
+        if validation is not None:
+            field_name = "evaluator.valid"
+            validation.load_state_dict(checkpoint.evaluator["valid"])
+    except CheckpointError:
+        raise
+    except (CmmmError, KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
+        raise CheckpointError(
+            f"{path}: field {field_name!r} cannot be restored ({type(error).__name__}: "
+            f"{one_line(error)[:160]}); the checkpoint was damaged or edited, delete the run "
+            "directory to start the run over"
+        ) from None
 
 
 def results_record(

@@ -43,6 +43,19 @@ def parse_comma_list(owner: str, name: str, raw: Any) -> str:
     raise ConfigError(f"{owner}: option {name} must be a comma list, got {raw!r}")
 
 
+# Integer options are sizes (prompt lengths, pool sizes, buffer sizes, layers): bounded before
+# anything is allocated. Prompt tokens join every attention, whose memory grows with their
+# square; other sizes only linearly.
+MAX_PROMPT_LENGTH = 1024
+MAX_INTEGER_OPTION = 1_000_000
+
+
+def _default_maximum(name: str, value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return MAX_PROMPT_LENGTH if "length" in name else MAX_INTEGER_OPTION
+
+
 @dataclass(frozen=True)
 class Option:
     """One declared option: its default, its type and its admissible values.
@@ -55,6 +68,8 @@ class Option:
     kind: type
     help: str
     minimum: float | None = None
+    # None: the default bound of an integer option (``_default_maximum``).
+    maximum: float | None = None
     choices: tuple[Any, ...] | None = None
     nullable: bool = False
     parser: Callable[[str, str, Any], Any] | None = None
@@ -86,6 +101,12 @@ class Option:
                 raise ConfigError(f"{owner}: option {name} must be finite, got {raw!r}")
         else:
             value = str(raw)
+        maximum = self.maximum if self.maximum is not None else _default_maximum(name, value)
+        if maximum is not None and value is not None and value > maximum:
+            raise ConfigError(
+                f"{owner}: option {name} must be <= {maximum}, got {value}: larger sizes would "
+                "not fit in memory"
+            )
         if self.minimum is not None and value is not None and value < self.minimum:
             raise ConfigError(f"{owner}: option {name} must be >= {self.minimum}, got {value}")
         if self.choices is not None and value not in self.choices:

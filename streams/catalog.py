@@ -128,7 +128,9 @@ def _pickle_stream(name: str, request: StreamRequest) -> MultimodalDataset:
     from streams.pickles import load_pickle_stream
 
     request.take_options(set())
-    return load_pickle_stream(name, request.data_dir, log=request.log)
+    return load_pickle_stream(
+        name, request.data_dir, log=request.log, cache_dir=request.cache_dir / "pickles"
+    )
 
 
 @STREAMS.register("mosi-pkl", "CMU-MOSI from a MulT or MMSA pickle in <data-dir>/mosi/")

@@ -12,6 +12,7 @@ import http.client
 import os
 import shutil
 import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -19,6 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+from cmmm.atomic_files import current_umask
 from cmmm.errors import ConfigError, DownloadError
 from streams.mfeat import MFEAT_DIRNAME, download_mfeat
 from streams.mosi import MOSI_DIRNAME, MOSI_FILES, MosiFile, file_sha256
@@ -39,6 +41,11 @@ ARCHIVE_DOWNLOADS: dict[str, Callable[[Path, str | None, Log], Path]] = {
 _URL_SCHEMES = ("http", "https", "file")
 _CHUNK = 1 << 20
 _TIMEOUT_SECONDS = 60
+# The whole download of one file must finish within this, however the source trickles (the
+# per-read timeout alone lets a source sending a byte every 20 s hold us forever): generous for
+# the slowest honest link, at 20 kB/s.
+_DEADLINE_BASE_SECONDS = 300
+_DEADLINE_BYTES_PER_SECOND = 20_000
 
 
 def download_dataset(
@@ -79,6 +86,7 @@ def download_dataset(
         return target
 
     data_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(data_dir, key, files)
     staging = Path(tempfile.mkdtemp(prefix=f".{key}.download-", dir=data_dir))
     try:
         for f in needed:
@@ -90,6 +98,26 @@ def download_dataset(
         shutil.rmtree(staging, ignore_errors=True)
     log(f"{key}: {len(needed)} files fetched and verified into {target}")
     return target
+
+
+def deadline_seconds(size: int) -> float:
+    """How long fetching a file of ``size`` bytes may take in all."""
+    return _DEADLINE_BASE_SECONDS + size / _DEADLINE_BYTES_PER_SECOND
+
+
+def _remove_stale_staging(data_dir: Path, key: str, files: Sequence[MosiFile]) -> None:
+    """Delete staging directories a killed download left (Ctrl-C and errors clean their own).
+
+    Only those older than the longest a whole download may take: a younger one may belong to a
+    download still running in another process.
+    """
+    oldest_live = time.time() - sum(deadline_seconds(f.size) for f in files)
+    for stray in data_dir.glob(f".{key}.download-*"):
+        try:
+            if stray.is_dir() and stray.stat().st_mtime < oldest_live:
+                shutil.rmtree(stray, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def _already_verified(path: Path, expected: MosiFile) -> bool:
@@ -126,11 +154,19 @@ def _fetch_verified(location: str, dest: Path, expected: MosiFile) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     received = 0
+    allowed = deadline_seconds(expected.size)
+    deadline = time.monotonic() + allowed
     try:
         with _open(location) as response, open(dest, "wb") as out:
             # Read at most one byte past the expected size: enough to tell "too long" without
             # letting a hostile or wrong source fill the disk.
             while received <= expected.size:
+                if time.monotonic() > deadline:
+                    raise DownloadError(
+                        f"{expected.path}: {location} sent {received} of {expected.size} bytes "
+                        f"in {allowed:.0f} s, the most a download of this file may take; "
+                        "nothing was installed; try again later or use another --source"
+                    )
                 chunk = response.read(min(_CHUNK, expected.size + 1 - received))
                 if not chunk:
                     break
@@ -167,7 +203,7 @@ def _install(staging: Path, target: Path, fetched: Sequence[MosiFile]) -> None:
     """Move verified files from ``staging`` into ``target``."""
     if not target.exists():
         # One rename publishes the whole dataset at once. mkdtemp made the directory private.
-        os.chmod(staging, 0o755)
+        os.chmod(staging, 0o777 & ~current_umask())
         os.replace(staging, target)
         return
     # The target already holds verified files (and perhaps the loader's cache): replace only

@@ -77,13 +77,20 @@ STREAM_FILES: dict[str, tuple[str, str, tuple[str, ...]]] = {
 }
 
 
-def load_pickle_stream(stream: str, data_dir: Path, log: Log = print) -> MultimodalDataset:
-    """Find the pickle of ``stream`` under ``data_dir``, detect its layout and load it."""
+def load_pickle_stream(
+    stream: str, data_dir: Path, log: Log = print, cache_dir: Path | None = None
+) -> MultimodalDataset:
+    """Find the pickle of ``stream`` under ``data_dir``, detect its layout and load it.
+
+    With ``cache_dir``, the file is converted once, in a child process with CPU-time and memory
+    limits, into plain ``.npz`` arrays under ``cache_dir`` (``streams.pickle_cache``); later
+    calls read only those. Without it, the file is read here.
+    """
     if stream not in STREAM_FILES:
         raise ConfigError(
             f"unknown pickle stream {stream!r}; choose one of {', '.join(sorted(STREAM_FILES))}"
         )
-    sub_dir, dataset_name, patterns = STREAM_FILES[stream]
+    sub_dir, _, patterns = STREAM_FILES[stream]
     directory = Path(data_dir) / sub_dir
     path = _first_match(directory, patterns)
     if path is None:
@@ -93,6 +100,16 @@ def load_pickle_stream(stream: str, data_dir: Path, log: Log = print) -> Multimo
             f"no feature pickle for stream {stream!r}: searched {searched}. {hint}. Place the "
             f"file in {directory}/ (or pass another data directory)."
         )
+    if cache_dir is not None:
+        from streams.pickle_cache import cached_pickle_dataset
+
+        return cached_pickle_dataset(path, stream, cache_dir, log)
+    return load_pickle_file(path, stream, log)
+
+
+def load_pickle_file(path: Path, stream: str, log: Log = print) -> MultimodalDataset:
+    """Load ``path`` as the pickle of ``stream``, whichever of the two layouts it has."""
+    dataset_name = STREAM_FILES[stream][1]
     raw = safe_load(path)
     file_format = detect_pickle_format(raw, path)
     log(f"{stream}: reading {file_format.upper()} pickle {path}")
