@@ -9,6 +9,7 @@ to one of its headings.
 
 from __future__ import annotations
 
+import functools
 import re
 import shlex
 from dataclasses import dataclass
@@ -105,7 +106,7 @@ def command_path(words: list[str]) -> tuple[list[str], list[str]]:
     """Split the words into the command path (group and command names, up to the first option
     or argument) and the rest. A word under a group is taken as a command name even when the
     group has no such command, so that a made-up command fails its ``--help``."""
-    current: Any = typer.main.get_command(app)
+    current: Any = root_command()
     path: list[str] = []
     for word in words:
         if word.startswith("-") or not is_group(current):
@@ -115,6 +116,18 @@ def command_path(words: list[str]) -> tuple[list[str], list[str]]:
     return path, words[len(path) :]
 
 
+@functools.cache
+def root_command() -> Any:
+    return typer.main.get_command(app)
+
+
+@functools.cache
+def help_of(path: tuple[str, ...]) -> tuple[int, str]:
+    """Exit code and output of ``cmmm <path> --help`` (each path is asked once)."""
+    result = CliRunner().invoke(app, [*path, "--help"])
+    return result.exit_code, result.output
+
+
 def is_group(command: Any) -> bool:
     # Typer ships its own copy of click, so the group is recognised by what it holds.
     return isinstance(getattr(command, "commands", None), dict)
@@ -122,7 +135,7 @@ def is_group(command: Any) -> bool:
 
 def resolve(path: list[str]) -> Any:
     """The command object at ``path`` (None when there is none)."""
-    current: Any = typer.main.get_command(app)
+    current: Any = root_command()
     for word in path:
         if not is_group(current):
             return None
@@ -144,10 +157,10 @@ def shown_options(rest: list[str]) -> list[str]:
 def check_command(command: ShownCommand) -> list[str]:
     """What is wrong with one shown command (empty when nothing is)."""
     path, rest = command_path(command.words)
-    result = CliRunner().invoke(app, [*path, "--help"])
-    if result.exit_code != 0:
-        output = " ".join(result.output.split())
-        return [f"{command}: `cmmm {' '.join(path)} --help` exited {result.exit_code}: {output}"]
+    exit_code, output = help_of(tuple(path))
+    if exit_code != 0:
+        output = " ".join(output.split())
+        return [f"{command}: `cmmm {' '.join(path)} --help` exited {exit_code}: {output}"]
     target = resolve(path)
     if is_group(target):
         return [f"{command}: `cmmm {' '.join(path)}` is a group, not a command"]
