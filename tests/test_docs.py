@@ -1,11 +1,10 @@
 """The documentation shows commands that exist and links that lead somewhere.
 
-Every ``cmmm ...`` command in a code block of README.md or docs/*.md must name a real command path
-(``cmmm <group> <command>``) whose ``--help`` succeeds, and every option it shows must be one that
-command declares. Nothing is run: only ``--help`` is invoked, so this takes about a second. Every
-relative link (and image) must point to an existing file, and a ``#fragment`` into a Markdown file
-to one of its headings.
-"""
+Every ``cmmm ...`` command in a code block of README.md, docs/*.md or experiments/README.md must
+name a real command path (``cmmm <group> <command>``) whose ``--help`` succeeds, and every option
+it shows must be one that command declares. Nothing is run: only ``--help`` is invoked, so this
+takes about a second. Every relative link (and image) must point to an existing file, and a
+``#fragment`` into a Markdown file to one of its headings."""
 
 from __future__ import annotations
 
@@ -23,7 +22,11 @@ from typer.testing import CliRunner
 from cmmm.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
-DOC_FILES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+DOC_FILES = [
+    REPO / "README.md",
+    *sorted((REPO / "docs").glob("*.md")),
+    REPO / "experiments" / "README.md",
+]
 
 # Code blocks that hold shell commands; Python and TOML blocks are not read.
 NON_SHELL_LANGUAGES = {"python", "toml", "json"}
