@@ -626,7 +626,7 @@ def results_record(
     wall_seconds: float,
     train_seconds: float,
 ) -> dict[str, Any]:
-    """What ``results.json`` holds (see the README's Outputs). ``total_backbone``: the
+    """What ``results.json`` holds (see docs/outputs.md). ``total_backbone``: the
     backbone's parameters, counted before the strategy wrapped it. ``held_out``: the summary of
     the held-out patterns' evaluator, when the run has any; ``valid``: the same evaluator's
     summary on every task's validation split."""
