@@ -204,11 +204,14 @@ def test_the_backbone_is_bit_identical_after_training(root, tiny_config_at, name
     model = template.model
     before = snapshot(model.backbone)
     method_before = snapshot(model.prompts)
+    # What moved after either task: with L1's constant-size gradient a bias can step back to
+    # exactly where it started under a fresh Adam in the second task.
+    changed: set[str] = set()
     for experience in experiences[:2]:
         template.train(experience)
-    after = snapshot(model.backbone)
+        after = snapshot(model.backbone)
+        changed |= {k for k in before if not torch.equal(before[k], after[k])}
     head_trains = head == "default" and name != "sprompts"
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == ({"out_layer.weight", "out_layer.bias"} if head_trains else set())
     trainable = {k for k, p in model.backbone.named_parameters() if p.requires_grad}
     assert trainable == ({"out_layer.weight", "out_layer.bias"} if head_trains else set())
@@ -227,8 +230,13 @@ def test_old_tasks_parameters_stay_bit_identical(root, tiny_config_at) -> None:
         owned = [k for k in first if k.split(".")[0] in ("e_prompt", "key", "prompt", "heads")]
         for k in owned:
             index = int(k.split(".")[1])
-            if index < 2:  # task 0 frozen in experience 1, task 1 trained there
-                assert torch.equal(first[k], second[k]) == (index == 0), k
+            # Task 0 frozen in experience 1, task 1 trained there. A bias is exempt from
+            # "trained means moved": under L1 its gradient has a constant size, and Adam's
+            # steps of exactly lr up and down can bring it back to where the task started.
+            if index == 0:
+                assert torch.equal(first[k], second[k]), k
+            elif index == 1 and not k.endswith("bias"):
+                assert not torch.equal(first[k], second[k]), k
         assert "trained" in second and second["trained"][:2].all()
 
 
