@@ -57,7 +57,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cmmm.comparison import RunOutcome, run_or_reuse
+from cmmm.comparison import HEADROOM_STRATEGIES, RunOutcome, run_or_reuse
 from cmmm.errors import ConfigError
 from cmmm.running import RunConfig, atomic_write_text
 from cmmm.significance import (
@@ -73,7 +73,7 @@ if TYPE_CHECKING:
 MERGED_OPTIONS = ("strategy_options", "stream_options", "backbone_options")
 # Five seeds unless the file says otherwise: enough for a 95 % interval to tell rows apart.
 DEFAULT_SEEDS = [0, 1, 2, 3, 4]
-HEADROOM_STRATEGIES = ("zeroshot", "joint")
+
 ROW_ONLY = ("label", "paper", "grid")
 
 # A grid dimension: the setting it varies, ("epochs",) or ("strategy_options", "lam"), and the
@@ -305,6 +305,15 @@ class RowStatistics:
             if r.get("held_out") and r["held_out"]["aa"] is not None
         ]
 
+    @property
+    def valid_aa(self) -> list[float]:
+        """AA on the tasks' validation splits of the seeds that recorded it."""
+        return [
+            r["valid"]["aa"]
+            for r in self.results
+            if r.get("valid") and r["valid"]["aa"] is not None
+        ]
+
     def held_out_per_case(self) -> str:
         """Final accuracy on each held-out pattern, mean over seeds, e.g. "a 55.0, t 71.2"."""
         by_code: dict[str, list[float]] = {}
@@ -343,9 +352,12 @@ def markdown_table(
 ) -> str:
     has_paper = any(row.paper for row in experiment.rows)
     held_out = any(_statistics(found).held_out_aa for found in outcomes.values())
+    valid = any(_statistics(found).valid_aa for found in outcomes.values())
     header = ["configuration", "AA (%)", "FM", "trainable", "time/run (s)", "seeds"]
     if held_out:
         header[3:3] = ["AA held-out (%)", "held-out cases"]
+    if valid:
+        header.insert(3, "AA valid (%)")
     differences = row_differences(experiment, outcomes)
     reference = experiment.reference_label()
     if differences:
@@ -379,6 +391,7 @@ def markdown_table(
             row.label,
             interval_cell(stats.aa),
             interval_cell(stats.fm),
+            *([interval_cell(stats.valid_aa)] if valid else []),
             *([interval_cell(stats.held_out_aa), stats.held_out_per_case()] if held_out else []),
             *difference,
             "-" if stats.trainable is None else f"{stats.trainable:,}",
@@ -404,9 +417,31 @@ def markdown_table(
                 else "."
             ),
         ]
+    chosen = chosen_on_validation(experiment, outcomes)
+    if chosen is not None:
+        lines += [
+            "",
+            f"Chosen on validation: **{chosen}** (highest mean AA on the tasks' validation "
+            "splits among the rows other than the zeroshot and joint headroom rows; test "
+            "numbers choose nothing).",
+        ]
     if failures:
         lines += ["", "Failed runs:", "", *failures]
     return "\n".join(lines) + "\n"
+
+
+def chosen_on_validation(
+    experiment: Experiment, outcomes: dict[str, list[RunOutcome]]
+) -> str | None:
+    """The row a user should pick: the highest mean validation AA, headroom rows aside; None
+    when no row recorded validation AA."""
+    candidates = {
+        row.label: statistics.mean(stats.valid_aa)
+        for row in experiment.rows
+        if row.config.strategy not in HEADROOM_STRATEGIES
+        and (stats := _statistics(outcomes[row.label])).valid_aa
+    }
+    return max(candidates, key=candidates.__getitem__) if candidates else None
 
 
 def row_differences(

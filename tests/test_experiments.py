@@ -165,3 +165,30 @@ def test_tables_pair_rows_with_the_reference_and_add_headroom_rows(tmp_path: Pat
     experiment.reference = "nope"
     with pytest.raises(ConfigError, match="not a row label"):
         experiment.reference_label()
+
+
+def test_the_table_names_the_row_chosen_on_validation(tmp_path: Path) -> None:
+    """Two learning rates: the table shows each row's validation AA and names the row with the
+    higher one, whatever the test AA says."""
+    import json
+    import statistics
+
+    path = tmp_path / "lr.toml"
+    path.write_text(
+        TINY.split("[[rows]]")[0]
+        + '[[rows]]\nlabel = "lr 1e-3"\nstrategy = "naive"\n'
+        + '[[rows]]\nlabel = "lr 3e-2"\nstrategy = "naive"\nlr = 0.03\n'
+    )
+    experiment = load_experiment(path, {"out": str(tmp_path / "runs")})
+    table, _ = run_experiment(experiment, tmp_path / "runs", log=lambda _: None)
+    assert "AA valid (%)" in table
+    valid = {}
+    for run_dir in (tmp_path / "runs").iterdir():
+        results_file = run_dir / "results.json"
+        if results_file.is_file():
+            results = json.loads(results_file.read_text())
+            label = "lr 3e-2" if results["config"]["lr"] == 0.03 else "lr 1e-3"
+            if results["config"]["strategy"] == "naive":
+                valid.setdefault(label, []).append(results["valid"]["aa"])
+    best = max(valid, key=lambda label: statistics.mean(valid[label]))
+    assert f"Chosen on validation: **{best}**" in table
