@@ -187,7 +187,8 @@ def stream_label(run: Results) -> str:
     if name in STREAM_LABELS:
         return STREAM_LABELS[name]
     source = str(run.data["stream"].get("source", ""))
-    source = re.sub(r"\s+(in\s+)?/\S*$", "", source)  # a trailing local path says nothing
+    # A trailing local path ("in /data/x", "from /data/x") says nothing.
+    source = re.sub(r"\s+((in|from)\s+)?/\S*$", "", source)
     return f"{name} ({source})" if source else name
 
 
