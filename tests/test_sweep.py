@@ -403,8 +403,8 @@ def test_an_error_is_retried_then_reported_while_the_others_finish(
     assert (label, failure.seed, failure.error) == ("strategy=ewc", 0, expected)
     assert report.count("ran") == 1
     assert "- strategy=ewc seed 0: " + expected in report.table
-    # AA, FM and the paired difference to the naive row: n/a.
-    assert "| strategy=ewc | n/a | n/a | n/a | - | - | 0 (1 failed) |" in report.table
+    # AA, FM, AA valid and the paired difference are n/a for a row with no finished run.
+    assert "| strategy=ewc | n/a | n/a | n/a | n/a | - | - | 0 (1 failed) |" in report.table
     error_file = experiment.planned_runs()[1].config.run_dir() / ERROR_FILE
     assert "cannot train ewc" in error_file.read_text()  # the whole error, for debugging
     assert not (error_file.parent / "results.json").exists()
