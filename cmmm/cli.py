@@ -235,7 +235,7 @@ def run(
     """Train one strategy on one missing-modality stream and score it after every task."""
     from cmmm.config_files import config_to_toml, read_config_file
     from cmmm.running import RunConfig
-    from strategies import STRATEGIES
+    from cmmm.strategy import STRATEGIES
 
     if resume is not None:
         resumed = resumed_config(ctx, resume, data_dir=data_dir, cache_dir=cache_dir)
@@ -473,8 +473,9 @@ def data_download(
     """Fetch a data set's published files, verify every sha256, and install them all or none."""
     import os
 
-    from streams.download import download_dataset
+    from cmmm.discovery import plugin_module
 
+    download_dataset = plugin_module("streams.download").download_dataset
     target_root = data_dir or Path(os.environ.get("CMMM_DATA_DIR", "data"))
     target = download_dataset(
         name, target_root, source=source, log=lambda m: console.print(m, highlight=False)
@@ -537,7 +538,9 @@ def data_encode_text(
     import os
     import time
 
-    from streams.mosi import MOSI_DIRNAME, encode_mosi_transcripts
+    from cmmm.discovery import plugin_module
+
+    mosi = plugin_module("streams.mosi")
 
     if dataset not in TEXT_ENCODING_STREAMS:
         raise ConfigError(
@@ -560,10 +563,10 @@ def data_encode_text(
         def on_progress(done: int, total: int) -> None:
             progress.update(bar, completed=done, total=total, description="encoding transcripts")
 
-        encoding, reused = encode_mosi_transcripts(
+        encoding, reused = mosi.encode_mosi_transcripts(
             data_root,
             model,
-            cache_dir=cache_root / MOSI_DIRNAME,
+            cache_dir=cache_root / mosi.MOSI_DIRNAME,
             name=encoder_name,
             max_tokens=max_tokens,
             replace=replace,
@@ -786,8 +789,8 @@ def compare(
     """Run (or reuse finished runs of) several strategies over seeds; print a Table-2 table."""
     from cmmm.comparison import compare as compare_runs
     from cmmm.comparison import expand_strategies, with_headroom
+    from cmmm.data.catalog import STREAMS
     from cmmm.running import RunConfig
-    from streams.catalog import STREAMS
 
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
