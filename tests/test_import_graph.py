@@ -96,3 +96,28 @@ def test_the_discovery_module_may_import_plugins() -> None:
     graph = import_graph()
     graph[DISCOVERY_MODULE] = graph[DISCOVERY_MODULE] | {"strategies.ours"}
     assert violations(graph) == []
+
+
+def test_discovery_loads_the_entry_points_of_cmmm_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A package of the user's registers through the ``cmmm.plugins`` entry-point group."""
+    import cmmm.discovery as discovery
+
+    loaded: list[str] = []
+
+    class FakeEntryPoint:
+        name = "my_method"
+
+        def load(self) -> None:
+            loaded.append(self.name)
+
+    groups: list[str] = []
+
+    def fake_entry_points(*, group: str) -> list[FakeEntryPoint]:
+        groups.append(group)
+        return [FakeEntryPoint()]
+
+    monkeypatch.setattr(discovery, "entry_points", fake_entry_points)
+    monkeypatch.setattr(discovery, "_loading_started", False)
+    discovery.load_plugins()
+    discovery.load_plugins()  # once per process
+    assert groups == ["cmmm.plugins"] and loaded == ["my_method"]
