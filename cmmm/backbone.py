@@ -46,8 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cmmm.data.packing import PackedLayout
 from cmmm.errors import ConfigError
-from cmmm.packing import PackedLayout
 
 
 @dataclass(frozen=True)
@@ -645,7 +645,7 @@ def convert_legacy_state(
 
 
 class MulT(nn.Module):
-    """MulT over a packed input (see ``cmmm.packing``), for M >= 2 modalities.
+    """MulT over a packed input (see ``cmmm.data.packing``), for M >= 2 modalities.
 
     ``forward(x)`` returns (B,) when ``config.output_dim == 1`` (regression) and (B, C) otherwise.
     Set ``prompt_hook`` (or use ``using_prompt_hook``) to inject prefix prompts; see

@@ -407,11 +407,11 @@ def expand_strategies(spec: str | Sequence[str], stream: str) -> list[str]:
     """Strategy names from ``a,b,...``; ``all`` is every registered strategy.
 
     A replay family name (``er``, ``agem``, ``icarl``, ``der``) stands for its two paper buffer
-    sizes on the stream (see ``strategies.replay.expand_family``); ``all`` lists each family at
+    sizes on the stream (see ``cmmm.replay_sizes.expand_family``); ``all`` lists each family at
     those two sizes too, not at every registered size. Unknown names raise ``ConfigError``.
     """
-    from strategies import STRATEGIES
-    from strategies.replay import SIZED_FAMILIES, expand_family
+    from cmmm.replay_sizes import SIZED_FAMILIES, expand_family
+    from cmmm.strategy import STRATEGIES
 
     requested = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
     requested = [s for s in requested if s]

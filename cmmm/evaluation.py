@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics.functional import mean_absolute_error, pearson_corrcoef
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
+from cmmm.data.dataset import MetricFamily
 from cmmm.errors import CmmmError
-from streams.base import MetricFamily
 
 METRIC_FAMILIES: tuple[str, ...] = ("mosi", "sims", "classification")
 

@@ -22,9 +22,12 @@ Entry = tuple[str, str, dict[str, str]]
 
 def live_listing() -> dict[str, list[Entry]]:
     """Every registered strategy and stream, from the registries themselves (imports torch)."""
+    from cmmm.data.catalog import STREAMS
+    from cmmm.discovery import load_plugins
     from cmmm.running import PAPER_DEFAULTS
-    from strategies import STRATEGIES
-    from streams.catalog import STREAMS
+    from cmmm.strategy import STRATEGIES
+
+    load_plugins()
 
     strategies: list[Entry] = []
     for entry in STRATEGIES:

@@ -30,7 +30,7 @@ from cmmm.pretraining import backbone_config_for
 from cmmm.running import PreparedRun, RunConfig, atomic_write_text, load_stream, resolve_device
 
 # The synthetic generator's own three first, then extra ones. Pattern codes use a modality's first
-# letter (streams.patterns.short_name), so the extras start with letters other than a, v and t
+# letter (cmmm.data.patterns.short_name), so the extras start with letters other than a, v and t
 # ("thermal" would share "t" with text and make two patterns print the same code).
 MODALITY_NAMES = ("audio", "video", "text", "depth", "infrared", "pressure")
 MIN_MODALITIES, MAX_MODALITIES = 2, len(MODALITY_NAMES)
@@ -53,9 +53,9 @@ def synthetic_modality_options(m: int, n_train: int, n_test: int) -> dict[str, A
     happens to be.
     """
     check_modality_counts([m])
-    from streams.synthetic import SyntheticSpec
+    from cmmm.discovery import plugin_module
 
-    defaults = SyntheticSpec()
+    defaults = plugin_module("streams.synthetic").SyntheticSpec()
     base = len(defaults.modalities)
     audio = defaults.modalities.index("audio")
     evidence = defaults.seq_lens[audio] * defaults.feature_dims[audio]
@@ -108,7 +108,7 @@ def parse_modality_counts(spec: str) -> list[int]:
 
 def parse_strategies(spec: str | Sequence[str]) -> list[str]:
     """Registered strategy names from ``a,b`` (ConfigError listing the valid ones otherwise)."""
-    from strategies import STRATEGIES
+    from cmmm.strategy import STRATEGIES
 
     names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
     names = [s for s in names if s]
@@ -130,7 +130,7 @@ def task_specific_parameters(config: RunConfig) -> int | None:
     the run was made now or reused. A randomly initialised backbone has the shape of the
     pre-trained one, so no pre-training is needed to count.
     """
-    from strategies import STRATEGIES
+    from cmmm.strategy import STRATEGIES
 
     config = config.resolved()
     strategy = STRATEGIES.get(config.strategy).factory(**config.strategy_options)

@@ -28,7 +28,7 @@ from cmmm.optimizers import adam
 from cmmm.plain_training import train_epoch
 from cmmm.pretraining import task_criterion
 from cmmm.running import RunConfig, prepare, seed_everything
-from strategies.naive import NaiveFineTuning
+from cmmm.strategy import STRATEGIES
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ def measure_overhead(
         seed_everything(seed)
         ctx = prepared.strategy_context(config, plugins=[])
         ctx.model = copy.deepcopy(backbone)
-        template = NaiveFineTuning().build(ctx)
+        template = STRATEGIES.get("naive").factory().build(ctx)
         benchmark = missing_stream.avalanche_benchmark()
         tick = time.perf_counter()
         for experience in benchmark.train_stream:

@@ -22,10 +22,10 @@ from torch import nn
 
 from cmmm.atomic_files import atomic_write
 from cmmm.backbone import MulT, MulTConfig
+from cmmm.data.dataset import MultimodalDataset
+from cmmm.data.missing_stream import MissingModalityStream
 from cmmm.errors import ConfigError
 from cmmm.plain_training import fit
-from streams.base import MultimodalDataset
-from streams.missing_stream import MissingModalityStream
 
 
 def dataset_fingerprint(dataset: MultimodalDataset) -> str:

@@ -1,7 +1,9 @@
 """Name -> factory registries for streams and strategies.
 
 Adding a stream or a strategy is one file that calls ``register`` on the right registry; the CLI,
-``cmmm list`` and the runner find it by name.
+``cmmm list`` and the runner find it by name. A registry made with ``discover=True`` (the
+strategies', the streams') loads the plug-ins (``cmmm.discovery.load_plugins``) the first time it
+is read, so its entries are there wherever it is first needed.
 """
 
 from __future__ import annotations
@@ -27,9 +29,18 @@ class Entry(Generic[T]):
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, *, discover: bool = False) -> None:
         self.kind = kind
+        self.discover = discover
         self._entries: dict[str, Entry[T]] = {}
+
+    def _filled(self) -> dict[str, Entry[T]]:
+        """The entries, after the plug-ins registered theirs (for a discovering registry)."""
+        if self.discover:
+            from cmmm.discovery import load_plugins
+
+            load_plugins()
+        return self._entries
 
     def register(
         self,
@@ -49,17 +60,17 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> Entry[T]:
         try:
-            return self._entries[name]
+            return self._filled()[name]
         except KeyError:
             raise ConfigError(
                 f"unknown {self.kind} {name!r}; valid names: {', '.join(sorted(self._entries))}"
             ) from None
 
     def names(self) -> list[str]:
-        return sorted(self._entries)
+        return sorted(self._filled())
 
     def __iter__(self) -> Iterator[Entry[T]]:
         return iter(self._entries[n] for n in self.names())
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return name in self._filled()

@@ -39,27 +39,27 @@ from cmmm.checkpoints import (
     write_checkpoint,
 )
 from cmmm.config_checks import check_run_settings
+from cmmm.data.catalog import STREAMS, StreamRequest
+from cmmm.data.missing_stream import (
+    MissingModalityStream,
+    StreamTask,
+    build_stream,
+    check_missing_rate,
+)
+from cmmm.data.patterns import parse_eval_patterns, parse_task_order
+from cmmm.data.standardization import standardize
 from cmmm.errors import CheckpointError, CmmmError, ConfigError, one_line
 from cmmm.evaluation import EvalTask, Evaluator
 from cmmm.pretraining import backbone_config_for, pretrained_backbone, task_criterion
 from cmmm.results import ADDED_SETTINGS, RESULTS_FILE
 from cmmm.run_guard import DivergenceGuard, locked_run_directory
+from cmmm.strategy import StrategyContext
 from cmmm.template_state import (
     StateContext,
     StreamSamples,
     capture_template_state,
     restore_template_state,
 )
-from strategies.base import StrategyContext
-from streams.catalog import STREAMS, StreamRequest
-from streams.missing_stream import (
-    MissingModalityStream,
-    StreamTask,
-    build_stream,
-    check_missing_rate,
-)
-from streams.patterns import parse_eval_patterns, parse_task_order
-from streams.standardization import standardize
 
 # method.md's training protocol: Adam, batch 64, 30 epochs per task.
 PAPER_DEFAULTS = {"epochs": 30, "pretrain_epochs": 30}
@@ -90,7 +90,7 @@ class RunConfig:
     # a step of these tiny matrices up to 80x slower; run two runs side by side instead.
     threads: int = 1
     strategy_options: dict[str, Any] = field(default_factory=dict)
-    # Per-feature z-scoring with train statistics (see streams.standardization).
+    # Per-feature z-scoring with train statistics (see cmmm.data.standardization).
     standardize: bool = True
     # Passed to the stream's loader (e.g. the synthetic generator's sizes, MOSI's valid videos).
     stream_options: dict[str, Any] = field(default_factory=dict)
@@ -99,7 +99,7 @@ class RunConfig:
     # Missing cases tested but never trained on: "unseen", or patterns as for task_order.
     eval_patterns: str = ""
     # Share of a task's samples that follow its pattern (1: all; the seeds' 0.7, 0.9), and how
-    # a multi-modality pattern is applied below 1 (streams.missing_stream).
+    # a multi-modality pattern is applied below 1 (cmmm.data.missing_stream).
     missing_rate: float = 1.0
     missing_mode: str = "pattern"
 
@@ -394,7 +394,7 @@ def run_unlocked(
     """
     from torch.utils.tensorboard import SummaryWriter
 
-    from strategies import STRATEGIES
+    from cmmm.strategy import STRATEGIES
 
     config = config.resolved()
     strategy_entry = STRATEGIES.get(config.strategy)

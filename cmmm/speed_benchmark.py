@@ -36,9 +36,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from cmmm.backbone import MulT, MulTConfig, PromptContext, PromptSite, per_sample_prompt
+from cmmm.data.packing import PackedLayout
 from cmmm.errors import ConfigError
 from cmmm.optimizers import adam
-from cmmm.packing import PackedLayout
 
 MOSI_LAYOUT = PackedLayout(("audio", "video", "text"), (1, 1, 1), (73, 100, 100))
 MOSI_TEST_SIZE = 752
@@ -162,12 +162,13 @@ class _ReferencePrompted(nn.Module):
 
 
 def _ours_models(backbone: nn.Module, reference: bool) -> tuple[nn.Module, list[nn.Parameter]]:
-    from strategies.ours import OursOptions, OursPrompts, resolve_layers
-    from strategies.prompted_model import PromptedModel, set_requires_grad
+    from cmmm.discovery import plugin_module
+    from cmmm.prompted_model import PromptedModel, set_requires_grad
 
-    options = OursOptions.from_options({})
-    layers = resolve_layers(options, backbone.config.layers)
-    prompts = OursPrompts(MOSI_LAYOUT.modalities, backbone.config.d_model, options, layers)
+    ours = plugin_module("strategies.ours")
+    options = ours.OursOptions.from_options({})
+    layers = ours.resolve_layers(options, backbone.config.layers)
+    prompts = ours.OursPrompts(MOSI_LAYOUT.modalities, backbone.config.d_model, options, layers)
     set_requires_grad(backbone.parameters(), False)
     # One task (text only) trains: the shared prompts, the keys and that pattern's set.
     text_only = (False, False, True)

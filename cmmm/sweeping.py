@@ -57,10 +57,9 @@ def import_ray() -> ModuleType:
 def _package_dirs() -> list[Path]:
     """The directories of the three packages a worker imports, as this process imported them."""
     import cmmm
-    import strategies
-    import streams
+    from cmmm.discovery import plugin_package_dirs
 
-    return [Path(module.__file__).resolve().parent for module in (cmmm, strategies, streams)]
+    return [Path(cmmm.__file__).resolve().parent, *plugin_package_dirs()]
 
 
 def source_checkout() -> Path | None:
@@ -254,7 +253,7 @@ class SweepPlan:
 
 def check_strategies(experiment: Experiment) -> None:
     """Fail on an unknown strategy or option now, not in a worker after Ray has started."""
-    from strategies import STRATEGIES
+    from cmmm.strategy import STRATEGIES
 
     for row in experiment.rows:
         try:

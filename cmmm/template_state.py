@@ -20,7 +20,7 @@ fresh run does, and ``restore_template_state`` loads into it, piece by piece:
   resume silently without it.
 
 Replay buffers hold Avalanche datasets. They are saved as the sample keys of the samples they hold
-(``streams.missing_stream.SAMPLE_KEY``) plus whatever the buffer adds (reservoir weights, DER's
+(``cmmm.data.missing_stream.SAMPLE_KEY``) plus whatever the buffer adds (reservoir weights, DER's
 stored outputs), and rebuilt as subsets of the same stream's training sets (``StreamSamples``).
 
 The random number generators are not part of this: the caller restores them last (``cmmm.
@@ -39,9 +39,9 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from cmmm.data.missing_stream import SAMPLE_KEY
 from cmmm.errors import CheckpointError
 from cmmm.legacy_state import convert_training_state
-from streams.missing_stream import SAMPLE_KEY
 
 State = dict[str, Any]
 

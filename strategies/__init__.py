@@ -1,26 +1,9 @@
-"""The methods, one file each, registered by name in ``STRATEGIES``."""
+"""The methods, one file each, registered by name in ``cmmm.strategy.STRATEGIES``.
 
-from strategies import (  # noqa: F401
-    agem,
-    aoept,
-    codaprompt,
-    der,
-    dualprompt,
-    ewc,
-    icarl,
-    joint,
-    l2p,
-    lwf,
-    memprompt,
-    mplmm,
-    naive,
-    ours,
-    promma,
-    replay,
-    si,
-    sprompts,
-    zeroshot,
-)
-from strategies.base import STRATEGIES, Strategy, StrategyContext
+``cmmm.discovery.load_plugins`` imports every module here; nothing needs listing. The names below
+are re-exported from the core for code that imports them from ``strategies``.
+"""
+
+from cmmm.strategy import STRATEGIES, Strategy, StrategyContext
 
 __all__ = ["STRATEGIES", "Strategy", "StrategyContext"]

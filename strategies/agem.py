@@ -18,9 +18,9 @@ from __future__ import annotations
 from typing import Any
 
 from cmmm.errors import ConfigError
-from strategies.base import StrategyContext
-from strategies.options import ConfigurableStrategy, Option
-from strategies.replay import MEM_SIZE, register_sized
+from cmmm.options import ConfigurableStrategy, Option
+from cmmm.replay_sizes import MEM_SIZE, register_sized
+from cmmm.strategy import StrategyContext
 
 
 @register_sized("agem", "A-GEM: fine-tune the whole MulT, projecting against a replay gradient")

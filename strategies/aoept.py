@@ -34,14 +34,14 @@ Reconstructed for MulT and the continual stream (the backbone is not modified):
 * "m's tokens at layer l" are the keys/values that layer receives from m in the cross-modal
   transformers whose source is m (its LayerNorm of m's embedded sequence), mean-pooled over time
   and averaged over those M-1 transformers, from a prompt-free pass of the frozen backbone
-  (``strategies.site_tokens``). They feed the bank, the gates and the InfoNCE targets alike. The
+  (``cmmm.prompt_kit``). They feed the bank, the gates and the InfoNCE targets alike. The
   code's gates read the prompted previous layer's output instead; prompts are requested before a
   layer runs, so here they read the un-prompted features (as L2P reads its query).
 * When the bank is built: the paper builds it once, offline, before prompt tuning. In the stream
   a modality's bank is built once, at the start of the first experience whose training data has
   that modality present (the first experience for every modality in the default order), and is
   frozen from then on (a buffer, never trained). Until it exists, P_(m,l) = LN_m(Q).
-* K-means is ``strategies.sprompts.kmeans`` (k-means++ seeding, Lloyd iterations, seeded by
+* K-means is ``cmmm.prompt_kit.kmeans`` (k-means++ seeding, Lloyd iterations, seeded by
   ``kmeans_seed``) instead of scikit-learn's; with fewer samples than N, fewer rows are kept.
 * Attention heads: the code's 4 do not divide d = 30; the default is the backbone's own number of
   heads (5). With d = 30 the gate's hidden width is max(1, d // 16) = 1 unit.
@@ -60,17 +60,18 @@ from torch.utils.data import DataLoader
 
 from cmmm.backbone import MulT, PromptContext, PromptSite
 from cmmm.errors import ConfigError
-from strategies.base import STRATEGIES, StrategyContext
-from strategies.l2p import (
+from cmmm.options import ConfigurableStrategy, Option
+from cmmm.prompt_kit import (
     check_layers_exist,
+    frozen_site_tokens,
+    kmeans,
+    mean_pooled_modality_tokens,
     normalise_layer_option,
     require_mult,
     trainable_head_option,
 )
-from strategies.options import ConfigurableStrategy, Option
-from strategies.prompted_model import PromptedModel, make_prompt_template
-from strategies.site_tokens import frozen_site_tokens, mean_pooled_modality_tokens
-from strategies.sprompts import kmeans
+from cmmm.prompted_model import PromptedModel, make_prompt_template
+from cmmm.strategy import STRATEGIES, StrategyContext
 
 # (modality, layer) -> (B, d) pooled tokens of that modality at that layer.
 PooledTokens = dict[tuple[str, int], Tensor]

@@ -40,8 +40,8 @@ import torch
 from torch import Tensor, nn
 
 from cmmm.errors import ConfigError
-from strategies.base import STRATEGIES, StrategyContext
-from strategies.l2p import (
+from cmmm.options import ConfigurableStrategy, Option
+from cmmm.prompt_kit import (
     LayerPrompts,
     QueryPromptedModel,
     Selection,
@@ -51,8 +51,8 @@ from strategies.l2p import (
     require_mult,
     trainable_head_option,
 )
-from strategies.options import ConfigurableStrategy, Option
-from strategies.prompted_model import make_prompt_template, set_requires_grad
+from cmmm.prompted_model import make_prompt_template, set_requires_grad
+from cmmm.strategy import STRATEGIES, StrategyContext
 
 
 def gram_schmidt_rows(previous: Tensor, count: int, generator: torch.Generator | None = None):

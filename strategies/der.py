@@ -26,9 +26,9 @@ from typing import Any
 
 import torch.nn.functional as F
 
-from strategies.base import StrategyContext
-from strategies.options import ConfigurableStrategy, Option
-from strategies.replay import BATCH_SIZE_MEM, MEM_SIZE, register_sized
+from cmmm.options import ConfigurableStrategy, Option
+from cmmm.replay_sizes import BATCH_SIZE_MEM, MEM_SIZE, register_sized
+from cmmm.strategy import StrategyContext
 
 
 def reservoir_buffer_with_outputs(max_size: int) -> Any:

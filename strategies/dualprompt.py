@@ -4,8 +4,8 @@ A G(eneral)-prompt shared by every task on the first layers and one E(xpert)-pro
 with a learnable key, on the next layers, both attached as prefix tokens. Training on experience t
 uses E-prompt t for every sample and pulls key t towards the query (``pull_lambda * mean_b
 (1 - cos(q_b, k_t))``); at test each sample takes the E-prompt whose key is nearest (cosine) to
-its query. The query is the frozen backbone's pooled feature without prompts (see ``strategies.
-l2p.frozen_query``); no task label is used at test.
+its query. The query is the frozen backbone's pooled feature without prompts (see ``cmmm.
+prompt_kit.frozen_query``); no task label is used at test.
 
 Published defaults and their sources (dualprompt-pytorch's Split CIFAR-100 configuration, which
 follows the paper): G-prompt length 5 on layers 0-1, E-prompt length 5 on layers 2-4, one
@@ -39,8 +39,8 @@ import torch
 from torch import Tensor, nn
 
 from cmmm.errors import ConfigError
-from strategies.base import STRATEGIES, StrategyContext
-from strategies.l2p import (
+from cmmm.options import ConfigurableStrategy, Option
+from cmmm.prompt_kit import (
     LayerPrompts,
     QueryPromptedModel,
     Selection,
@@ -52,8 +52,8 @@ from strategies.l2p import (
     trainable_head_option,
     uniform_parameter,
 )
-from strategies.options import ConfigurableStrategy, Option
-from strategies.prompted_model import make_prompt_template, set_requires_grad
+from cmmm.prompted_model import make_prompt_template, set_requires_grad
+from cmmm.strategy import STRATEGIES, StrategyContext
 
 
 class DualPromptPrompts(LayerPrompts):

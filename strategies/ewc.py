@@ -15,8 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 from cmmm.errors import ConfigError
-from strategies.base import STRATEGIES, StrategyContext
-from strategies.options import ConfigurableStrategy, Option
+from cmmm.options import ConfigurableStrategy, Option
+from cmmm.strategy import STRATEGIES, StrategyContext
 
 
 @STRATEGIES.register("ewc", "EWC: fine-tune the whole MulT with a Fisher-weighted penalty")

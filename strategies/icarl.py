@@ -39,9 +39,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cmmm.errors import ConfigError
-from strategies.base import StrategyContext
-from strategies.options import ConfigurableStrategy, Option
-from strategies.replay import MEM_SIZE, register_sized
+from cmmm.options import ConfigurableStrategy, Option
+from cmmm.replay_sizes import MEM_SIZE, register_sized
+from cmmm.strategy import StrategyContext
 
 
 class NearestMeanOfExemplars(nn.Module):

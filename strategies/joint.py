@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from strategies.base import STRATEGIES, Strategy, StrategyContext
+from cmmm.strategy import STRATEGIES, Strategy, StrategyContext
 
 
 @STRATEGIES.register("joint", "Upperbound: train the whole MulT once on all tasks together")

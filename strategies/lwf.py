@@ -28,8 +28,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from strategies.base import STRATEGIES, StrategyContext
-from strategies.options import ConfigurableStrategy, Option
+from cmmm.options import ConfigurableStrategy, Option
+from cmmm.strategy import STRATEGIES, StrategyContext
 
 
 def output_distillation(alpha: float, temperature: float, regression: bool) -> Any:

@@ -33,7 +33,7 @@ Reconstructed for MulT (the backbone is not modified; prompts enter through its 
   zero-filled, queries read them.) The memory (self-attention) transformers get no prompt.
 * m's tokens "at layer l" are the keys/values that layer's attention receives: the layer's
   LayerNorm of the embedded sequence of m. They are read from one prompt-free pass of the frozen
-  backbone (``strategies.site_tokens``: eval mode, no gradient, forward pre-hooks), so the query
+  backbone (``cmmm.prompt_kit``: eval mode, no gradient, forward pre-hooks), so the query
   carries no embedding dropout and does not depend on the prompts of earlier layers (in MulT the
   source side of a cross-modal transformer is the same sequence at every layer anyway). Each
   site (t <- m, l) retrieves with its own query from the memory of (m, l), shared by the M-1
@@ -54,17 +54,18 @@ from torch import Tensor, nn
 
 from cmmm.backbone import MulT, PromptContext, PromptSite
 from cmmm.errors import ConfigError
-from strategies.base import STRATEGIES, StrategyContext
-from strategies.l2p import (
+from cmmm.options import ConfigurableStrategy, Option
+from cmmm.prompt_kit import (
+    SiteTokens,
     check_layers_exist,
     cosine_matrix,
+    frozen_site_tokens,
     normalise_layer_option,
     require_mult,
     trainable_head_option,
 )
-from strategies.options import ConfigurableStrategy, Option
-from strategies.prompted_model import PromptedModel, make_prompt_template
-from strategies.site_tokens import SiteTokens, frozen_site_tokens
+from cmmm.prompted_model import PromptedModel, make_prompt_template
+from cmmm.strategy import STRATEGIES, StrategyContext
 
 
 def retrieve(memory: Tensor, keys: Tensor, query: Tensor, top_n: int) -> Tensor:

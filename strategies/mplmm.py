@@ -26,7 +26,7 @@ Adaptations to MulT and to the prompt hook (the backbone is not modified):
 
 * The hook cannot replace the projected sequences the backbone computes inside ``forward``. So
   generation and the missing-signal prompts work in each modality's raw feature space, by
-  wrapping: ``MPLMMModel.forward`` unpacks the packed input (``cmmm.packing``), writes the
+  wrapping: ``MPLMMModel.forward`` unpacks the packed input (``cmmm.data.packing``), writes the
   generated raw (L_m, D_m) sequence into a missing modality's zero-filled block, adds S+/-_m
   ((L_m, D_m) each) to every modality's block, packs the result with the original presence mask
   and runs the backbone on it. The frozen projection W_m then maps them, so the backbone sees
@@ -56,12 +56,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cmmm.backbone import MulT, PromptContext, PromptSite
+from cmmm.data.patterns import all_patterns
 from cmmm.errors import ConfigError
-from strategies.base import STRATEGIES, StrategyContext
-from strategies.l2p import require_mult, trainable_head_option
-from strategies.options import ConfigurableStrategy, Option, parse_layers
-from strategies.prompted_model import PromptedModel, make_prompt_template
-from streams.patterns import all_patterns
+from cmmm.options import ConfigurableStrategy, Option, parse_layers
+from cmmm.prompt_kit import require_mult, trainable_head_option
+from cmmm.prompted_model import PromptedModel, make_prompt_template
+from cmmm.strategy import STRATEGIES, StrategyContext
 
 INITS = ("uniform", "normal")
 

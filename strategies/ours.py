@@ -37,16 +37,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cmmm.backbone import IndexedPrompt, MulT, PromptContext, PromptSite
+from cmmm.data.patterns import Pattern, all_patterns, nearest_pattern, pattern_code, short_name
 from cmmm.errors import ConfigError
-from strategies.base import STRATEGIES, Strategy, StrategyContext
-from strategies.options import Option, parse_comma_list, parse_layers
-from strategies.prompted_model import (
+from cmmm.options import Option, parse_comma_list, parse_layers
+from cmmm.prompted_model import (
     TRAINABLE_HEADS,
     PromptedModel,
     make_prompt_template,
     set_requires_grad,
 )
-from streams.patterns import Pattern, all_patterns, nearest_pattern, pattern_code, short_name
+from cmmm.strategy import STRATEGIES, Strategy, StrategyContext
 
 PROMPT_TYPES = ("m", "ta", "ts")
 PLACEMENTS = ("front", "back")
@@ -203,7 +203,7 @@ class OursOptions:
     ``unseen_patterns``: which task-specific set a sample gets whose pattern no task has trained
     yet (a held-out pattern of ``--eval-patterns``, or a later task's before its turn). "nearest"
     (default for per-pattern sets; not in the paper): the set of the nearest trained pattern
-    (``streams.patterns.nearest_pattern``: fewest differing modalities, then most shared present
+    (``cmmm.data.patterns.nearest_pattern``: fewest differing modalities, then most shared present
     ones), since an untrained set is only its random initialisation. "own": the pattern's own
     set, which for the compositional form is composed from trained components (that strategy's
     default).

@@ -67,16 +67,16 @@ from torch import Tensor, nn
 
 from cmmm.backbone import MulT, PromptContext, PromptSite
 from cmmm.errors import ConfigError
-from strategies.base import STRATEGIES, StrategyContext
-from strategies.l2p import (
+from cmmm.options import ConfigurableStrategy, Option
+from cmmm.prompt_kit import (
     check_layers_exist,
     frozen_query,
     normalise_layer_option,
     require_mult,
     trainable_head_option,
 )
-from strategies.options import ConfigurableStrategy, Option
-from strategies.prompted_model import PromptedModel, make_prompt_template
+from cmmm.prompted_model import PromptedModel, make_prompt_template
+from cmmm.strategy import STRATEGIES, StrategyContext
 
 WEIGHTINGS = ("mi", "uniform")
 

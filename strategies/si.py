@@ -22,8 +22,8 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from strategies.base import STRATEGIES, StrategyContext
-from strategies.options import ConfigurableStrategy, Option
+from cmmm.options import ConfigurableStrategy, Option
+from cmmm.strategy import STRATEGIES, StrategyContext
 
 
 def snapshotting_si(si_lambda: float, eps: float) -> Any:

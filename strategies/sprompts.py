@@ -43,55 +43,23 @@ from torch.utils.data import DataLoader
 
 from cmmm.backbone import MulT
 from cmmm.errors import ConfigError
-from strategies.base import STRATEGIES, StrategyContext
-from strategies.l2p import (
+from cmmm.options import ConfigurableStrategy, Option
+from cmmm.prompt_kit import (
     LayerPrompts,
     QueryPromptedModel,
     Selection,
     check_layers_exist,
     frozen_query,
+    kmeans,
     make_task_plugin,
     normalise_layer_option,
     require_mult,
 )
-from strategies.options import ConfigurableStrategy, Option
-from strategies.prompted_model import make_prompt_template, set_requires_grad
+from cmmm.prompted_model import make_prompt_template, set_requires_grad
+from cmmm.strategy import STRATEGIES, StrategyContext
 
 METRICS = ("l1", "l2")
 DOMAIN_HEADS = {"none": (), "out": ("out_layer",), "all": ("proj1", "proj2", "out_layer")}
-KMEANS_ITERATIONS = 100
-
-
-def kmeans(points: Tensor, k: int, seed: int = 0, iterations: int = KMEANS_ITERATIONS) -> Tensor:
-    """(min(k, N), D) centroids of ``points`` (N, D): k-means++ seeding, then Lloyd iterations
-    until the assignment stops changing. Deterministic for a given ``seed``."""
-    if points.dim() != 2 or len(points) == 0:
-        raise ConfigError(f"kmeans needs a non-empty (N, D) tensor, got {tuple(points.shape)}")
-    x = points.detach().double().cpu()
-    k = min(k, len(x))
-    generator = torch.Generator().manual_seed(seed)
-    chosen = [int(torch.randint(len(x), (1,), generator=generator))]
-    nearest = ((x - x[chosen[0]]) ** 2).sum(dim=1)
-    for _ in range(1, k):
-        total = float(nearest.sum())
-        if total > 0:
-            index = int(torch.multinomial(nearest / total, 1, generator=generator))
-        else:  # every point coincides with a centroid already: take any other point
-            index = next(i for i in range(len(x)) if i not in chosen)
-        chosen.append(index)
-        nearest = torch.minimum(nearest, ((x - x[index]) ** 2).sum(dim=1))
-    centroids = x[chosen].clone()
-    assignment = None
-    for _ in range(iterations):
-        new_assignment = torch.cdist(x, centroids).argmin(dim=1)
-        if assignment is not None and torch.equal(new_assignment, assignment):
-            break
-        assignment = new_assignment
-        for j in range(k):
-            members = x[assignment == j]
-            if len(members):
-                centroids[j] = members.mean(dim=0)
-    return centroids.to(points.dtype)
 
 
 def nearest_domain(

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from strategies.base import STRATEGIES, Strategy, StrategyContext
+from cmmm.strategy import STRATEGIES, Strategy, StrategyContext
 
 
 class EvaluationOnly:

@@ -1,42 +1,15 @@
-"""The streams ``cmmm run --stream`` knows, by name.
+"""The built-in streams, registered in ``cmmm.data.catalog.STREAMS`` by name.
 
-A loader takes a ``StreamRequest`` (data directory, a cache directory it may write to, a logging
-function, and the stream's own options) and returns a validated ``MultimodalDataset``;
-``streams.missing_stream`` builds the missing-case stream from it. Adding a dataset: write its
-loader in its own file and register it here.
+Each loader lives in its own file and is imported only when its stream is built; adding a
+dataset: write its loader in its own file and register it here (or in that file).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-from cmmm.errors import ConfigError
-from cmmm.registry import Registry
-from streams.base import MultimodalDataset
-
-
-@dataclass(frozen=True)
-class StreamRequest:
-    data_dir: Path
-    cache_dir: Path
-    log: Callable[[str], None] = print
-    options: Mapping[str, Any] = field(default_factory=dict)
-
-    def take_options(self, allowed: set[str]) -> dict[str, Any]:
-        unknown = sorted(set(self.options) - allowed)
-        if unknown:
-            raise ConfigError(
-                f"unknown stream options {unknown}; this stream accepts {sorted(allowed)}"
-            )
-        return dict(self.options)
-
-
-Loader = Callable[[StreamRequest], MultimodalDataset]
-STREAMS: Registry[Loader] = Registry("stream")
+from cmmm.data.catalog import STREAMS, StreamRequest
+from cmmm.data.dataset import MultimodalDataset
 
 # The synthetic streams default to fewer epochs than the paper's 30 so that the default
 # `cmmm run` finishes in about a minute on two CPU cores; --epochs overrides it.

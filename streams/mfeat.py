@@ -27,7 +27,7 @@ The split is one fixed stratified split, the same for every run and seed: per cl
 rows are permuted by ``numpy.random.default_rng(SPLIT_SEED)`` (one generator, classes in order
 0..9) and cut 120 / 20 / 60 into train / valid / test (1200 / 200 / 600 in all). Features are
 returned as parsed; the runner standardises them with train statistics
-(``streams.standardization``). The backbone is pre-trained as for every stream
+(``cmmm.data.standardization``). The backbone is pre-trained as for every stream
 (``cmmm.pretraining``): on the train split with every view present, keeping the best epoch on
 the valid split; test rows are never seen before evaluation.
 """
@@ -50,8 +50,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cmmm.data.dataset import MultimodalDataset, Split
 from cmmm.errors import ConfigError, DataError, DatasetNotFoundError, DownloadError, one_line
-from streams.base import MultimodalDataset, Split
 
 Log = Callable[[str], None]
 

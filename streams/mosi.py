@@ -41,8 +41,8 @@ from typing import NamedTuple
 import numpy as np
 
 from cmmm.atomic_files import atomic_write
+from cmmm.data.dataset import MultimodalDataset, Split
 from cmmm.errors import ConfigError, DataError, DatasetNotFoundError, one_line
-from streams.base import MultimodalDataset, Split
 from streams.text_encoding import (
     UTTERANCE_TEXT,
     Progress,
@@ -208,7 +208,7 @@ def load_mosi(
     """Load CMU-MOSI from ``<data_dir>/mosi``, building and caching the arrays on first use.
 
     Features are returned as published; the runner standardises them with train statistics
-    (``streams.standardization``). Label and split statistics are reported through ``log``.
+    (``cmmm.data.standardization``). Label and split statistics are reported through ``log``.
     ``text`` names the text features: ``"utterance"`` or an encoding that
     ``cmmm data encode-text mosi`` cached in ``cache_dir``.
     """

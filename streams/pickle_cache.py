@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from cmmm.atomic_files import current_umask
+from cmmm.data.dataset import MultimodalDataset, Split
 from cmmm.errors import DataError, one_line
-from streams.base import MultimodalDataset, Split
 
 Log = Callable[[str], object]
 

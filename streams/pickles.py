@@ -24,8 +24,8 @@ from typing import Literal
 
 import numpy as np
 
+from cmmm.data.dataset import MetricFamily, MultimodalDataset, Split, TaskType
 from cmmm.errors import ConfigError, DataError, DatasetNotFoundError
-from streams.base import MetricFamily, MultimodalDataset, Split, TaskType
 from streams.safe_pickle import safe_load
 
 Log = Callable[[str], object]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from streams.base import MultimodalDataset, Split
+from cmmm.data.dataset import MultimodalDataset, Split
 
 
 @dataclass(frozen=True)

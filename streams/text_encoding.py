@@ -20,7 +20,7 @@ Choices, and why:
   zero-padded *after* the real tokens; ``lengths`` says how many positions are real. The MulT
   backbone takes fixed-length sequences and has no padding mask; its readout is the last time
   step of a causal memory transformer, which attends to every earlier position, so the padding
-  does not hide any real token from it. ``streams.standardization`` keeps the padding at zero.
+  does not hide any real token from it. ``cmmm.data.standardization`` keeps the padding at zero.
 - Features are stored as float16: half the size of float32 (about 54 MB for MOSI at 32 tokens)
   with a relative error near 1e-3, far below what z-scoring and a 30-wide projection resolve.
 - Identical transcripts are encoded once, so they get identical features regardless of which

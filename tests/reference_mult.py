@@ -24,8 +24,8 @@ from cmmm.backbone import (
     _future_mask,
     _sinusoidal_positions,
 )
+from cmmm.data.packing import PackedLayout
 from cmmm.errors import ConfigError
-from cmmm.packing import PackedLayout
 
 
 def _xavier_linear(in_features: int, out_features: int) -> nn.Linear:
@@ -122,7 +122,7 @@ class _Encoder(nn.Module):
 
 
 class ReferenceMulT(nn.Module):
-    """MulT over a packed input (see ``cmmm.packing``), for M >= 2 modalities.
+    """MulT over a packed input (see ``cmmm.data.packing``), for M >= 2 modalities.
 
     ``forward(x)`` returns (B,) when ``config.output_dim == 1`` (regression) and (B, C) otherwise.
     Set ``prompt_hook`` (or use ``using_prompt_hook``) to inject prefix prompts; see

@@ -13,8 +13,8 @@ from cmmm.backbone import (
     PromptSite,
     _future_mask,
 )
+from cmmm.data.packing import PackedLayout
 from cmmm.errors import ConfigError, DataError
-from cmmm.packing import PackedLayout
 
 TINY = MulTConfig(d_model=4, num_heads=2, layers=2, self_layers=1)
 

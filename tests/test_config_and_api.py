@@ -16,10 +16,10 @@ from typer.testing import CliRunner
 import cmmm
 from cmmm.cli import app
 from cmmm.config_files import config_to_toml, read_config_file
+from cmmm.data.catalog import STREAMS
 from cmmm.errors import ConfigError, DataError
 from cmmm.running import RunConfig
-from strategies import STRATEGIES
-from streams.catalog import STREAMS
+from cmmm.strategy import STRATEGIES
 
 runner = CliRunner()
 

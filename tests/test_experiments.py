@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from cmmm.cli import app
 from cmmm.errors import ConfigError
 from cmmm.experiments import load_experiment, run_experiment
-from strategies import STRATEGIES
+from cmmm.strategy import STRATEGIES
 
 REPO = Path(__file__).resolve().parents[1]
 

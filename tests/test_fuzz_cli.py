@@ -21,9 +21,9 @@ from pickle_fixtures import mmsa_content, mult_content
 from typer.testing import CliRunner
 
 from cmmm.cli import app
+from cmmm.data.patterns import all_patterns, parse_task_order
 from cmmm.errors import ConfigError
 from streams.mosi import LOADER_FILES, MOSI_DIRNAME
-from streams.patterns import all_patterns, parse_task_order
 
 runner = CliRunner()
 

@@ -35,8 +35,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from pickle_fixtures import mmsa_content, mult_content
 
+from cmmm.data.dataset import MultimodalDataset
 from cmmm.errors import DataError
-from streams.base import MultimodalDataset
 from streams.pickles import load_mmsa_pickle, load_mult_pickle, load_pickle_stream
 from streams.safe_pickle import safe_load
 

@@ -27,7 +27,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from mosi_fixtures import write_tiny_mosi
 
-from streams.base import MultimodalDataset
+from cmmm.data.dataset import MultimodalDataset
 from streams.mosi import (
     CSD_DATA_GROUP,
     FEATURE_DIMS,

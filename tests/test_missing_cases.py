@@ -17,12 +17,12 @@ from typer.testing import CliRunner
 from cmmm.cli import app
 from cmmm.comparison import Comparison, _rows
 from cmmm.comparison import RunOutcome as Outcome
+from cmmm.data.missing_stream import build_stream, sample_patterns
+from cmmm.data.patterns import all_patterns, nearest_pattern, parse_eval_patterns
 from cmmm.errors import ConfigError
 from cmmm.results import ADDED_SETTINGS
 from cmmm.running import RunConfig, RunStopped, run
 from strategies.ours import CompositionalPrompts, OursOptions, OursPrompts
-from streams.missing_stream import build_stream, sample_patterns
-from streams.patterns import all_patterns, nearest_pattern, parse_eval_patterns
 
 MODALITIES = ("audio", "video", "text")
 FULL = (True, True, True)

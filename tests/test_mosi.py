@@ -13,8 +13,8 @@ import pytest
 from mosi_fixtures import TEST_VIDEOS, TRAIN_VIDEOS, write_tiny_mosi
 
 import streams.mosi as mosi
+from cmmm.data.dataset import MultimodalDataset
 from cmmm.errors import ConfigError, DataError, DatasetNotFoundError
-from streams.base import MultimodalDataset
 from streams.mosi import MODALITIES, load_mosi, modality_file, mosi_cache_key
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,10 +13,12 @@ import torch
 from torch import nn
 
 from cmmm.backbone import MulT, MulTConfig, PromptContext, per_sample_prompt
+from cmmm.data.missing_stream import build_stream
+from cmmm.data.packing import PackedLayout
+from cmmm.data.patterns import all_patterns, parse_task_order
 from cmmm.errors import ConfigError
-from cmmm.packing import PackedLayout
-from strategies import STRATEGIES
-from strategies.base import StrategyContext
+from cmmm.prompted_model import PromptedModel, make_prompt_template
+from cmmm.strategy import STRATEGIES, StrategyContext
 from strategies.ours import (
     OURS_OPTIONS,
     JointOurs,
@@ -28,9 +30,6 @@ from strategies.ours import (
     positive_pairs,
     resolve_layers,
 )
-from strategies.prompted_model import PromptedModel, make_prompt_template
-from streams.missing_stream import build_stream
-from streams.patterns import all_patterns, parse_task_order
 
 AVT = ("audio", "video", "text")
 T, F_ = True, False

@@ -9,11 +9,11 @@ import torch
 from test_ours import build, context_for, make_backbone
 
 from cmmm.backbone import MulT, MulTConfig
+from cmmm.data.missing_stream import build_stream
+from cmmm.data.patterns import all_patterns
 from cmmm.running import run
-from strategies import STRATEGIES
+from cmmm.strategy import STRATEGIES
 from strategies.ours import CompositionalPrompts, Ours, OursOptions, OursPrompts
-from streams.missing_stream import build_stream
-from streams.patterns import all_patterns
 from streams.synthetic import SyntheticSpec, make_synthetic
 
 WIDTH, LENGTH = 30, 4

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cmmm.data.packing import PackedLayout
 from cmmm.errors import DataError
-from cmmm.packing import PackedLayout
 
 LAYOUT = PackedLayout(
     modalities=("audio", "video", "text"), seq_lens=(4, 3, 5), feature_dims=(2, 6, 3)

@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 
+from cmmm.data.patterns import all_patterns, parse_task_order, pattern_code, pattern_name
 from cmmm.errors import ConfigError
-from streams.patterns import all_patterns, parse_task_order, pattern_code, pattern_name
 
 AVT = ("audio", "video", "text")
 

@@ -12,11 +12,11 @@ import torch
 
 from cmmm.backbone import PromptContext, PromptSite
 from cmmm.errors import ConfigError
+from cmmm.prompt_kit import cosine_matrix, frozen_query, kmeans
 from cmmm.running import prepare, run
-from strategies import STRATEGIES
+from cmmm.strategy import STRATEGIES
 from strategies.codaprompt import CodaPrompts, gram_schmidt_rows
-from strategies.l2p import cosine_matrix, frozen_query
-from strategies.sprompts import kmeans, nearest_domain
+from strategies.sprompts import nearest_domain
 
 NAMES = ["l2p", "dualprompt", "sprompts", "codaprompt", "mplmm"]
 TINY_BACKBONE = {"layers": 3, "self_layers": 1}

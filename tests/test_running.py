@@ -15,12 +15,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import cmmm.running
 from cmmm.backbone import MulT
+from cmmm.data.catalog import STREAMS
+from cmmm.data.missing_stream import layout_of
 from cmmm.errors import ConfigError, DatasetNotFoundError
 from cmmm.evaluation import average_accuracy_so_far, backward_transfer, forgetting_measure
 from cmmm.pretraining import backbone_config_for
 from cmmm.running import RunConfig, run
-from streams.catalog import STREAMS, SYNTHETIC_DEFAULTS
-from streams.missing_stream import layout_of
+from streams.catalog import SYNTHETIC_DEFAULTS
 from streams.synthetic import SyntheticSpec, make_synthetic
 
 REPO = Path(__file__).resolve().parents[1]

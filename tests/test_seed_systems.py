@@ -14,7 +14,7 @@ import torch
 from cmmm.comparison import expand_strategies
 from cmmm.errors import ConfigError
 from cmmm.running import prepare, run
-from strategies import STRATEGIES
+from cmmm.strategy import STRATEGIES
 from strategies.memprompt import relevant_modalities, retrieve
 from strategies.promma import evaluator_targets, orthogonality_penalty
 
@@ -234,7 +234,7 @@ def test_memprompt_sums_the_shared_prompts_of_the_missing_modalities(root, tiny_
     model = template.model
     prompts = model.prompts
     x, _ = every_pattern(stream, per_task=1)
-    from strategies.site_tokens import frozen_site_tokens
+    from cmmm.prompt_kit import frozen_site_tokens
 
     tokens = frozen_site_tokens(model.backbone, x, prompts.layers)
     _, presence = model.backbone.layout.unpack(x)

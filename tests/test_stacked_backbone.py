@@ -22,8 +22,8 @@ from cmmm.backbone import (
     PromptSite,
     per_sample_prompt,
 )
+from cmmm.data.packing import PackedLayout
 from cmmm.optimizers import adam
-from cmmm.packing import PackedLayout
 
 NAMES = ("audio", "video", "text", "depth")
 NO_DROPOUT = dict(attn_dropout=0.0, relu_dropout=0.0, res_dropout=0.0, embed_dropout=0.0)

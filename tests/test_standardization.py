@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 
-from streams.standardization import standardize
+from cmmm.data.standardization import standardize
 from streams.synthetic import SyntheticSpec, make_synthetic
 
 

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from cmmm.backbone import MulT, MulTConfig
+from cmmm.data.missing_stream import build_stream, layout_of
+from cmmm.data.patterns import all_patterns, parse_task_order
 from cmmm.errors import ConfigError
-from streams.missing_stream import build_stream, layout_of
-from streams.patterns import all_patterns, parse_task_order
 
 TINY_MULT = MulTConfig(layers=1, self_layers=1)
 DEFAULT_NAMES = [

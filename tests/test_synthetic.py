@@ -171,8 +171,8 @@ def test_dataset_metadata(regression) -> None:
 
 
 def test_num_classes_is_an_option_of_the_classification_stream_only(tmp_path) -> None:
+    from cmmm.data.catalog import STREAMS, StreamRequest
     from cmmm.errors import ConfigError
-    from streams.catalog import STREAMS, StreamRequest
 
     assert "num_classes" in STREAMS.get("synthetic-cls").options
     assert "num_classes" not in STREAMS.get("synthetic").options

@@ -22,11 +22,11 @@ from typer.testing import CliRunner
 import streams.mosi as mosi
 import streams.text_encoding as text_encoding
 from cmmm.cli import app
+from cmmm.data.catalog import STREAMS, StreamRequest
+from cmmm.data.dataset import MultimodalDataset
+from cmmm.data.standardization import standardize
 from cmmm.errors import ConfigError, DataError, DatasetNotFoundError
-from streams.base import MultimodalDataset
-from streams.catalog import STREAMS, StreamRequest
 from streams.mosi import encode_mosi_transcripts, load_mosi
-from streams.standardization import standardize
 from streams.text_encoding import (
     TextEncoding,
     default_encoder_name,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from cmmm.errors import ConfigError
-from strategies.base import Strategy
+from cmmm.strategy import Strategy
 
 
 def parse_layers(owner: str, name: str, raw: Any) -> tuple[int, ...]:

@@ -1,7 +1,7 @@
 """The continual stream: one Avalanche experience per missing pattern.
 
 Each task applies one pattern to the dataset: missing modalities are zero-filled and the presence
-mask says which are present (see ``cmmm.packing``). With task data ``full`` every task sees the
+mask says which are present (see ``cmmm.data.packing``). With task data ``full`` every task sees the
 whole train split under its pattern (method.md's reading); with ``disjoint`` the train split is
 cut into one random partition per task.
 
@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from cmmm.data.dataset import MultimodalDataset, Split
+from cmmm.data.packing import PackedLayout
+from cmmm.data.patterns import Pattern, pattern_code, pattern_name
 from cmmm.errors import ConfigError
-from cmmm.packing import PackedLayout
-from streams.base import MultimodalDataset, Split
-from streams.patterns import Pattern, pattern_code, pattern_name
 
 TaskData = Literal["full", "disjoint"]
 MISSING_MODES: tuple[str, ...] = ("pattern", "split")

@@ -14,10 +14,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from cmmm.data.missing_stream import MissingModalityStream
 from cmmm.errors import ConfigError
 from cmmm.optimizers import adam
 from cmmm.registry import Registry
-from streams.missing_stream import MissingModalityStream
 
 
 @dataclass
@@ -85,4 +85,4 @@ class Strategy:
 
 
 StrategyFactory = Callable[..., Strategy]
-STRATEGIES: Registry[StrategyFactory] = Registry("strategy")
+STRATEGIES: Registry[StrategyFactory] = Registry("strategy", discover=True)

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from cmmm.backbone import MulT, PromptContext, PromptSite
 from cmmm.errors import ConfigError
 from cmmm.optimizers import adam
-from strategies.base import StrategyContext
+from cmmm.strategy import StrategyContext
 
 # Which of MulT's head layers train, by option value.
 TRAINABLE_HEADS: dict[str, tuple[str, ...]] = {

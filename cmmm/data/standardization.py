@@ -19,7 +19,7 @@ import dataclasses
 
 import numpy as np
 
-from streams.base import MultimodalDataset, Split
+from cmmm.data.dataset import MultimodalDataset, Split
 
 
 def padding_mask(split: Split, modality: str) -> np.ndarray | None:

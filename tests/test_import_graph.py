@@ -1,0 +1,123 @@
+"""The import graph: the core (``cmmm``) never imports the plug-ins, and plug-ins never import each
+other, except through the one discovery module."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("cmmm", "strategies", "streams")
+# The one core module allowed to import the plug-in packages: it finds them.
+DISCOVERY_MODULE = "cmmm.discovery"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(source: str) -> set[str]:
+    """Every module an ``import`` or ``from ... import`` statement names, at any depth."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            # `from strategies import ours` imports the module strategies.ours.
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the modules of the three packages it imports."""
+    graph: dict[str, set[str]] = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            imported = imported_modules(path.read_text(encoding="utf-8"))
+            graph[module_name(path)] = {m for m in imported if m.split(".")[0] in PACKAGES}
+    return graph
+
+
+def package_of(module: str) -> str:
+    return module.split(".")[0]
+
+
+def violations(graph: dict[str, set[str]]) -> list[str]:
+    found: list[str] = []
+    for module, imports in sorted(graph.items()):
+        for target in sorted(imports):
+            source_package, target_package = package_of(module), package_of(target)
+            if source_package == "cmmm" and target_package != "cmmm":
+                if module != DISCOVERY_MODULE:
+                    found.append(f"core module {module} imports the plug-in {target}")
+            elif source_package == "strategies" and target_package == "strategies":
+                # `from strategies import X` in a strategy module also names the package itself.
+                if target not in ("strategies", module):
+                    found.append(f"strategy {module} imports the strategy {target}")
+            elif {source_package, target_package} == {"strategies", "streams"}:
+                found.append(f"{module} imports {target} across the plug-in packages")
+    return found
+
+
+def test_every_package_is_scanned() -> None:
+    graph = import_graph()
+    assert DISCOVERY_MODULE in graph
+    assert {"strategies.ours", "streams.mosi", "cmmm.strategy", "cmmm.data.catalog"} <= set(graph)
+
+
+def test_core_and_plugins_keep_their_direction() -> None:
+    assert violations(import_graph()) == []
+
+
+@pytest.mark.parametrize(
+    ("module", "statement", "complaint"),
+    [
+        ("cmmm.running", "from strategies.ours import Ours", "core module cmmm.running imports"),
+        ("cmmm.data.catalog", "import streams.mosi", "core module cmmm.data.catalog imports"),
+        ("strategies.aoept", "from strategies.sprompts import kmeans", "strategy strategies.aoept"),
+        ("strategies.l2p", "from strategies import sprompts", "strategy strategies.l2p"),
+        ("streams.mosi", "from strategies.base import STRATEGIES", "across the plug-in packages"),
+        ("strategies.ours", "from streams.synthetic import make_synthetic", "across the plug-in"),
+    ],
+)
+def test_an_offending_import_is_caught(module: str, statement: str, complaint: str) -> None:
+    graph = import_graph()
+    graph[module] = graph[module] | {
+        m for m in imported_modules(statement) if package_of(m) in PACKAGES
+    }
+    assert any(complaint in v for v in violations(graph)), violations(graph)
+
+
+def test_the_discovery_module_may_import_plugins() -> None:
+    graph = import_graph()
+    graph[DISCOVERY_MODULE] = graph[DISCOVERY_MODULE] | {"strategies.ours"}
+    assert violations(graph) == []
+
+
+def test_discovery_loads_the_entry_points_of_cmmm_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A package of the user's registers through the ``cmmm.plugins`` entry-point group."""
+    import cmmm.discovery as discovery
+
+    loaded: list[str] = []
+
+    class FakeEntryPoint:
+        name = "my_method"
+
+        def load(self) -> None:
+            loaded.append(self.name)
+
+    groups: list[str] = []
+
+    def fake_entry_points(*, group: str) -> list[FakeEntryPoint]:
+        groups.append(group)
+        return [FakeEntryPoint()]
+
+    monkeypatch.setattr(discovery, "entry_points", fake_entry_points)
+    monkeypatch.setattr(discovery, "_loading_started", False)
+    discovery.load_plugins()
+    discovery.load_plugins()  # once per process
+    assert groups == ["cmmm.plugins"] and loaded == ["my_method"]
