@@ -12,6 +12,7 @@ from rich.console import Console
 from cmmm.cli.common import (
     CacheDirOption,
     DataDirOption,
+    DeviceOption,
     console,
     reports_errors,
     with_directories,
@@ -120,7 +121,7 @@ def benchmark_modalities(
         Path,
         typer.Option(help="runs go to OUT/<run>/, the table to OUT/modality-benchmark.md and .csv"),
     ] = Path("runs/modality-benchmark"),
-    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda[:N]")] = "auto",
+    device: DeviceOption = "auto",
     data_dir: DataDirOption = None,
     cache_dir: CacheDirOption = None,
 ) -> None:

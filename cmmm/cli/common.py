@@ -50,6 +50,8 @@ CacheDirOption = Annotated[
         help="built data sets and pre-trained backbones [env CMMM_CACHE_DIR, else ./.cache]"
     ),
 ]
+# Where a run computes, shared by every command that trains.
+DeviceOption = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda[:N]")]
 
 # Missing-case settings shared by `run` and `compare`.
 EvalPatternsOption = Annotated[

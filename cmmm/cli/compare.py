@@ -12,6 +12,7 @@ import typer
 from cmmm.cli.common import (
     CacheDirOption,
     DataDirOption,
+    DeviceOption,
     EvalPatternsOption,
     MissingModeOption,
     MissingRateOption,
@@ -83,7 +84,7 @@ def compare(
         Path,
         typer.Option(help="runs go to OUT/<run>/, the table to OUT/compare-<stream>.md and .csv"),
     ] = Path("runs"),
-    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda[:N]")] = "auto",
+    device: DeviceOption = "auto",
     orders: Annotated[
         int,
         typer.Option(

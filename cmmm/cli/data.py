@@ -12,6 +12,7 @@ from cmmm.cli.common import (
     TEXT_ENCODING_STREAMS,
     CacheDirOption,
     DataDirOption,
+    DeviceOption,
     console,
     reports_errors,
 )
@@ -72,7 +73,7 @@ def data_encode_text(
     replace: Annotated[
         bool, typer.Option(help="overwrite an encoding of the same name made from other input")
     ] = False,
-    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda[:N]")] = "auto",
+    device: DeviceOption = "auto",
     data_dir: DataDirOption = None,
     cache_dir: CacheDirOption = None,
 ) -> None:

@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from cmmm.cli.common import (
     CacheDirOption,
     DataDirOption,
+    DeviceOption,
     EvalPatternsOption,
     MissingModeOption,
     MissingRateOption,
@@ -62,7 +63,7 @@ def run(
     out: Annotated[
         Path, typer.Option(help="runs are written to OUT/<stream>-<strategy>-seed<seed>-<key>/")
     ] = Path("runs"),
-    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda[:N]")] = "auto",
+    device: DeviceOption = "auto",
     threads: Annotated[
         int,
         typer.Option(
