@@ -941,14 +941,22 @@ class MulT(nn.Module):
         """The concatenated last time steps of every memory transformer, (B, M*(M-1)*d)."""
         return self._forward(x, keep_sequences=False)  # type: ignore[return-value]
 
+    def head_hidden(self, features: Tensor) -> Tensor:
+        """The residual MLP of the head on ``forward_features`` output, before ``out_layer``:
+        (B, M*(M-1)*d). Prompt methods with their own output layers start from here."""
+        hidden = _dropout(F.relu(self.proj1(features)), self.config.out_dropout, self.training)
+        return self.proj2(hidden) + features
+
     def head(self, features: Tensor) -> Tensor:
         """Residual MLP head on ``forward_features`` output; (B, output_dim), never squeezed."""
-        hidden = _dropout(F.relu(self.proj1(features)), self.config.out_dropout, self.training)
-        return self.out_layer(self.proj2(hidden) + features)
+        return self.out_layer(self.head_hidden(features))
+
+    def squeeze_output(self, output: Tensor) -> Tensor:
+        """(B,) for a one-output head (regression), else unchanged."""
+        return output.squeeze(1) if self.config.output_dim == 1 else output
 
     def forward(self, x: Tensor) -> Tensor:
-        output = self.head(self.forward_features(x))
-        return output.squeeze(1) if self.config.output_dim == 1 else output
+        return self.squeeze_output(self.head(self.forward_features(x)))
 
 
 def _key_value_recorder(

@@ -55,6 +55,8 @@ TASK_IDENTITIES = ("pattern", "oracle")
 TASK_SPECIFIC_FORMS = ("per_pattern", "compositional")
 COMPOSITIONAL_UPDATES = ("current", "unused")
 UNSEEN_RULES = ("nearest", "own")
+# trainable_head value: a copy of the backbone's output layer per missing pattern.
+PATTERN_HEAD = "pattern"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -128,8 +130,9 @@ OURS_OPTIONS: dict[str, Option] = {
     "trainable_head": Option(
         "none",
         str,
-        "none, out or all: which head layers train besides the prompts",
-        choices=tuple(TRAINABLE_HEADS),
+        "none, out or all: which shared head layers train besides the prompts; pattern: one "
+        "output layer per missing pattern, trained with its task-specific set",
+        choices=(*TRAINABLE_HEADS, PATTERN_HEAD),
     ),
     "task_identity": Option(
         "pattern",
@@ -183,7 +186,10 @@ class OursOptions:
     ``trainable_head``: method.md does not say whether the head trains. "none" (default) trains
     prompts only, which keeps the method's parameters at a small share of the backbone (the paper
     reports 2-3 %); "out" also trains ``out_layer``; "all" also ``proj1`` and ``proj2``. A
-    trainable head is shared by all tasks and so can forget.
+    trainable head is shared by all tasks and so can forget. "pattern" (not in the paper) gives
+    every missing pattern its own copy of the pre-trained ``out_layer``, part of that pattern's
+    task-specific set: it trains only in its pattern's experience, so it cannot forget, and a
+    sample reads the output layer its task-specific prompts come from.
 
     ``task_identity``: "pattern" (default) selects each sample's task-specific prompts and its
     task-aware mask from the sample's own presence mask. "oracle" uses the pattern of the task the
@@ -479,6 +485,9 @@ class OursPrompts(nn.Module):
         if options.use_task_aware:
             self.key_present = nn.Parameter(torch.full((width,), options.key_init))
             self.key_missing = nn.Parameter(torch.full((width,), options.key_init))
+        # trainable_head="pattern": filled by attach_pattern_heads once the backbone is known.
+        self.head_weight = nn.ParameterDict()
+        self.head_bias = nn.ParameterDict()
         self.task_specific = nn.ParameterDict()
         if options.use_task_specific:
             for p in self.patterns:
@@ -546,16 +555,41 @@ class OursPrompts(nn.Module):
     def task_specific_set(self, pattern: Pattern) -> nn.Parameter:
         return self.task_specific[pattern_key(tuple(pattern))]
 
+    def attach_pattern_heads(self, out_layer: nn.Linear) -> None:
+        """trainable_head="pattern": a copy of ``out_layer`` per pattern (no random draw, so the
+        prompts' initialisation is unchanged)."""
+        for p in self.patterns:
+            key = pattern_key(p)
+            self.head_weight[key] = nn.Parameter(out_layer.weight.detach().clone())
+            self.head_bias[key] = nn.Parameter(out_layer.bias.detach().clone())
+
+    def pattern_head_parameters(self, pattern: Pattern | None = None) -> list[nn.Parameter]:
+        """``pattern``'s output layer (every pattern's for None); empty without pattern heads."""
+        if not self.head_weight:
+            return []
+        keys = list(self.head_weight) if pattern is None else [pattern_key(tuple(pattern))]
+        return [q for key in keys for q in (self.head_weight[key], self.head_bias[key])]
+
+    def pattern_head(self, hidden: Tensor, presence: Tensor) -> Tensor:
+        """(B, output_dim): each sample's hidden vector through the output layer of the pattern
+        its task-specific prompts come from (same route, so an unseen pattern borrows both)."""
+        ctx = PromptContext(presence, self.modalities, hidden.shape[0], hidden.device)
+        rows = self.task_specific_indices(self.sample_indices(ctx))
+        weight = torch.stack([self.head_weight[pattern_key(p)] for p in self.patterns])
+        bias = torch.stack([self.head_bias[pattern_key(p)] for p in self.patterns])
+        return torch.einsum("bi,boi->bo", hidden, weight[rows]) + bias[rows]
+
     def task_specific_parameters(self, pattern: Pattern | None = None) -> list[nn.Parameter]:
         """The parameters behind ``pattern``'s task-specific set (all of them for None)."""
         if pattern is None:
-            return list(self.task_specific.values())
+            return [*self.task_specific.values(), *self.pattern_head_parameters()]
         key = pattern_key(tuple(pattern))
-        return [self.task_specific[key]] if key in self.task_specific else []
+        own = [self.task_specific[key]] if key in self.task_specific else []
+        return [*own, *self.pattern_head_parameters(pattern)]
 
     def trainable_for(self, pattern: Pattern) -> list[nn.Parameter]:
         """What training an experience of ``pattern`` may change among the task-specific
-        parameters: its own set."""
+        parameters: its own set (and its output layer)."""
         return self.task_specific_parameters(pattern)
 
     def finished(self, pattern: Pattern) -> None:
@@ -700,24 +734,44 @@ class CompositionalPrompts(OursPrompts):
         return torch.stack([self.task_specific[c] for c in self.components(tuple(pattern))]).sum(0)
 
     def task_specific_parameters(self, pattern: Pattern | None = None) -> list[nn.Parameter]:
+        heads = self.pattern_head_parameters(pattern)
         if pattern is None:
-            return list(self.task_specific.values())
+            return [*self.task_specific.values(), *heads]
         if not self.task_specific:
-            return []
-        return [self.task_specific[c] for c in self.components(tuple(pattern))]
+            return heads
+        return [*(self.task_specific[c] for c in self.components(tuple(pattern))), *heads]
 
     def trainable_for(self, pattern: Pattern) -> list[nn.Parameter]:
+        heads = self.pattern_head_parameters(pattern)
         if not self.task_specific:
-            return []
+            return heads
         names = self.components(tuple(pattern))
         if self.update == "unused":
             names = [c for c in names if not self.used[self.component_names.index(c)]]
-        return [self.task_specific[c] for c in names]
+        return [*(self.task_specific[c] for c in names), *heads]
 
     def finished(self, pattern: Pattern) -> None:
         if self.update == "unused":
             for name in self.components(tuple(pattern)):
                 self.used[self.component_names.index(name)] = True
+
+
+class PatternHeadModel(PromptedModel):
+    """trainable_head="pattern": the prompted backbone up to its head's hidden vector, then the
+    output layer of each sample's pattern instead of the frozen shared ``out_layer``."""
+
+    prompts: OursPrompts
+
+    def __init__(self, backbone: MulT, prompts: OursPrompts) -> None:
+        super().__init__(backbone, prompts, "none")
+
+    def forward(self, x: Tensor) -> Tensor:
+        backbone = self.backbone
+        with backbone.using_prompt_hook(self.prompts.prompt_for):
+            features = backbone.forward_features(x)
+        presence = backbone.layout.unpack(x)[1]
+        output = self.prompts.pattern_head(backbone.head_hidden(features), presence)
+        return backbone.squeeze_output(output)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -874,7 +928,11 @@ class Ours(Strategy):
             CompositionalPrompts if options.task_specific_form == "compositional" else OursPrompts
         )
         prompts = prompts_class(modalities, width, options, self.resolved_layers)
-        model = PromptedModel(backbone, prompts, options.trainable_head)
+        if options.trainable_head == PATTERN_HEAD:
+            prompts.attach_pattern_heads(backbone.out_layer)
+            model: PromptedModel = PatternHeadModel(backbone, prompts)
+        else:
+            model = PromptedModel(backbone, prompts, options.trainable_head)
         patterns = [tuple(task.pattern) for task in ctx.stream.tasks]
         plugins = [make_task_specific_selector(model, prompts, patterns, self.joint)]
         if pairs:

@@ -263,6 +263,52 @@ def test_trainable_head_option(stream, head, names) -> None:
     assert training == set(names)
 
 
+def test_pattern_heads_start_as_the_frozen_output_layer_and_train_with_their_own_pattern(
+    stream,
+) -> None:
+    strategy, template = build(stream, trainable_head="pattern")
+    model, prompts = template.model, strategy.prompts
+    backbone = model.backbone
+    assert not any(p.requires_grad for p in backbone.parameters())
+    x, _ = mixed_batch(stream)
+    model.eval()
+    with torch.no_grad():
+        # Before any training every pattern's copy equals out_layer: the same output.
+        assert torch.allclose(model(x), PromptedModel(backbone, prompts)(x), atol=1e-6)
+    initial = snapshot(prompts)
+    benchmark = stream.avalanche_benchmark()
+    template.train(benchmark.train_stream[0])
+    first = pattern_key(stream.tasks[0].pattern)
+    trained = prompts.head_weight[first].detach().clone()
+    assert not torch.equal(trained, initial[f"head_weight.{first}"])
+    template.train(benchmark.train_stream[1])
+    second = pattern_key(stream.tasks[1].pattern)
+    assert torch.equal(prompts.head_weight[first], trained)  # an old head cannot forget
+    assert not torch.equal(prompts.head_weight[second], initial[f"head_weight.{second}"])
+    for later in stream.tasks[2:]:
+        key = pattern_key(later.pattern)
+        assert torch.equal(prompts.head_weight[key], initial[f"head_weight.{key}"])
+
+
+def test_pattern_head_routes_each_sample_to_its_own_patterns_layer(stream) -> None:
+    strategy, template = build(stream, trainable_head="pattern", unseen_patterns="own")
+    model, prompts = template.model, strategy.prompts
+    x, patterns = mixed_batch(stream)
+    with torch.no_grad():
+        for key in prompts.head_bias:
+            prompts.head_bias[key].fill_(float(int(key[1:], 2)))
+    model.eval()
+    with torch.no_grad():
+        hidden = model.backbone.head_hidden(model.backbone.forward_features(x))
+        _, presence = stream.layout.unpack(x)
+        out = prompts.pattern_head(hidden, presence)
+        shared_weight = model.backbone.out_layer.weight
+        for row, pattern in enumerate(patterns):
+            bits = float(int(pattern_key(pattern)[1:], 2))
+            expected = hidden[row] @ shared_weight.T + bits
+            assert torch.allclose(out[row], expected, atol=1e-5)
+
+
 def test_optimizer_holds_exactly_the_current_trainable_parameters(stream) -> None:
     """Rebuilt at each experience over the requires_grad parameters only: no backbone weight and
     no other task's task-specific set, and no Adam state carried from the previous experience."""
