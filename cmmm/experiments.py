@@ -193,6 +193,14 @@ def load_experiment(path: Path, overrides: dict[str, Any] | None = None) -> Expe
         raise ConfigError(f"{path}: cannot read the experiment file ({error})") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML ({error})") from None
+    return experiment_from_spec(spec, Path(path), overrides)
+
+
+def experiment_from_spec(
+    spec: dict[str, Any], path: Path, overrides: dict[str, Any] | None = None
+) -> Experiment:
+    """An experiment from the parsed contents of a file (or a mapping built from flags, with
+    ``path`` naming its tables); checked as ``load_experiment`` checks a file."""
     file_grid = _grid_dimensions(spec.get("grid", {}), f"{path} [grid]")
     seeds = spec.get("seeds", DEFAULT_SEEDS)
     grid_seeds = [values for name, values in file_grid if name == ("seed",)]

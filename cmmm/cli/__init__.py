@@ -8,7 +8,7 @@ line, never a traceback (``cmmm.cli.common.reports_errors``).
 
 from __future__ import annotations
 
-from cmmm.cli import benchmark, compare, data, listing, plot, run
+from cmmm.cli import benchmark, compare, data, listing, plot, run, tune
 from cmmm.cli.common import app, benchmark_app, data_app, list_app
 
 app.command()(run.run)
@@ -17,6 +17,7 @@ app.command()(compare.compare)
 app.command()(plot.plot)
 app.command()(compare.experiment)
 app.command()(compare.sweep)
+app.command()(tune.tune)
 
 list_app.command("strategies")(listing.list_strategies)
 list_app.command("streams")(listing.list_streams)
