@@ -65,6 +65,21 @@ from cmmm.template_state import (
 PAPER_DEFAULTS = {"epochs": 30, "pretrain_epochs": 30}
 
 
+def changed_options(strategy: str) -> dict[str, tuple[Any, Any]]:
+    """Options of ``strategy`` whose default changed after runs were stored: name -> (old
+    default, new default), registered as ``STRATEGIES.register(..., changed_options={...})``.
+
+    ``resolved`` writes the new default into a config that does not set the option, so the run
+    key records it and a stored run made under the old default is never reused as a run of the
+    new one; ``key`` hashes the old default as absent, so stored runs keep their keys and are
+    reused by configs that ask for the old value explicitly."""
+    from cmmm.strategy import STRATEGIES
+
+    if strategy not in STRATEGIES:
+        return {}  # an unknown name fails with its one-line error where the strategy is built
+    return dict(STRATEGIES.get(strategy).defaults.get("changed_options", {}))
+
+
 @dataclass
 class RunConfig:
     stream: str = "synthetic"
@@ -119,11 +134,15 @@ class RunConfig:
         return config
 
     def resolved(self) -> RunConfig:
-        """A copy with every unset value filled from the stream's defaults (then the paper's)."""
+        """A copy with every unset value filled from the stream's defaults (then the paper's),
+        and the new defaults of the strategy's changed options under the options given (see
+        ``changed_options``)."""
         defaults = {**PAPER_DEFAULTS, **STREAMS.get(self.stream).defaults}
         filled = {
             k: defaults[k] if v is None and k in defaults else v for k, v in asdict(self).items()
         }
+        new_defaults = {name: new for name, (_, new) in changed_options(self.strategy).items()}
+        filled["strategy_options"] = {**new_defaults, **self.strategy_options}
         return RunConfig(**filled).validate()
 
     def validate(self) -> RunConfig:
@@ -153,6 +172,14 @@ class RunConfig:
         # The evaluation batch size changes memory use, not results. Keys were defined when
         # every run evaluated in batches of 256: it is hashed as 256, so earlier runs keep theirs.
         material["eval_batch_size"] = 256
+        # An option at the default it had before it changed is what a stored run without it
+        # meant: hashed as absent, so those runs keep their keys (see changed_options).
+        changed = changed_options(self.strategy)
+        material["strategy_options"] = {
+            k: v
+            for k, v in self.strategy_options.items()
+            if not (k in changed and v == changed[k][0])
+        }
         return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:10]
 
     def run_dir(self) -> Path:

@@ -118,7 +118,8 @@ def test_defaults_are_method_md_values_and_round_trip() -> None:
         "beta": 1.0,
         "lam": 0.1,
         "positive_pairs": "swap",
-        "trainable_head": "none",
+        # Not method.md's: chosen on mfeat validation by issue 18's study.
+        "trainable_head": "pattern",
         "task_identity": "pattern",
     }
     assert {k: options[k] for k in expected} == expected
@@ -126,6 +127,26 @@ def test_defaults_are_method_md_values_and_round_trip() -> None:
     assert Ours(**options).options() == options
     assert "ours" in STRATEGIES and "joint-ours" in STRATEGIES
     assert STRATEGIES.get("joint-ours").factory.joint and not STRATEGIES.get("ours").factory.joint
+
+
+@pytest.mark.parametrize("strategy", ["ours", "joint-ours"])
+def test_a_changed_default_is_in_the_run_key_and_stored_runs_keep_theirs(strategy) -> None:
+    from dataclasses import replace
+
+    from cmmm.running import RunConfig
+
+    new = RunConfig(strategy=strategy).resolved()
+    assert new.strategy_options == {"trainable_head": "pattern"}
+    old_explicit = RunConfig(strategy=strategy, strategy_options={"trainable_head": "none"})
+    # A run stored before the change: resolved then, with no option recorded.
+    stored = replace(new, strategy_options={})
+    assert old_explicit.resolved().key() == stored.key()  # old runs are reused when asked for
+    assert new.key() != stored.key()  # and never taken for runs of the new default
+    given = RunConfig(strategy=strategy, strategy_options={"trainable_head": "out"}).resolved()
+    assert given.strategy_options == {"trainable_head": "out"}
+    compositional = RunConfig(strategy="ours-compositional").resolved()
+    assert compositional.strategy_options == {}
+    assert STRATEGIES.get("ours-compositional").factory().options()["trainable_head"] == "none"
 
 
 def test_list_options_accept_json_lists_comma_strings_and_integers() -> None:
@@ -177,7 +198,15 @@ def test_unknown_options_list_the_valid_ones() -> None:
         ({"layers_ts": ""}, "layers_ts"),
         ({"depth_ta": -1}, "depth_ta"),
         ({"depth_ts": 0}, "depth_ts"),
-        ({"use_modality": False, "use_task_aware": False, "use_task_specific": False}, "nothing"),
+        (
+            {
+                "use_modality": False,
+                "use_task_aware": False,
+                "use_task_specific": False,
+                "trainable_head": "none",
+            },
+            "nothing",
+        ),
     ],
 )
 def test_wrong_option_values_are_config_errors(options, message) -> None:
@@ -230,7 +259,7 @@ def test_layer_resolution() -> None:
 
 
 def test_prompted_model_registers_prompts_and_freezes_only_the_backbone(stream) -> None:
-    strategy, template = build(stream)
+    strategy, template = build(stream, trainable_head="none")
     model = template.model
     assert isinstance(model, PromptedModel)
     prompt_ids = {id(p) for p in model.prompts.parameters()}
@@ -320,10 +349,16 @@ def test_optimizer_holds_exactly_the_current_trainable_parameters(stream) -> Non
         template.train(benchmark.train_stream[i])
         optimizers.append(template.optimizer)
         in_optimizer = {id(p) for group in template.optimizer.param_groups for p in group["params"]}
-        expected = {
-            id(p) for name, p in prompts.named_parameters() if not name.startswith("task_specific")
-        } | {id(prompts.task_specific_set(stream.tasks[i].pattern))}
-        assert in_optimizer == expected
+        pattern = stream.tasks[i].pattern
+        shared = {
+            id(p)
+            for name, p in prompts.named_parameters()
+            if not name.startswith(("task_specific", "head_"))
+        }
+        own = {id(prompts.task_specific_set(pattern))}
+        own |= {id(p) for p in prompts.pattern_head_parameters(pattern)}  # its output layer
+        assert len(own) == 3
+        assert in_optimizer == shared | own
     assert optimizers[0] is not optimizers[1]
     # The new Adam has state only for what it trained in this experience.
     state_ids = {id(p) for p in optimizers[1].state}
@@ -746,10 +781,13 @@ def test_end_to_end_tiny_run_writes_results(tiny_config, strategy, options) -> N
     on_disk = json.loads((Path(results["run_dir"]) / "results.json").read_text())
     assert on_disk["strategy"]["name"] == strategy
     assert on_disk["strategy"]["options"] == Ours(**options).options()
-    assert on_disk["config"]["strategy_options"] == options
+    # The changed default is written into the config (and so into the run key).
+    assert on_disk["config"]["strategy_options"] == {"trainable_head": "pattern", **options}
     assert on_disk["strategy"]["joint"] == (strategy == "joint-ours")
     parameters = on_disk["parameters"]
-    assert parameters["trainable"] == 3 * 16 * 30 + 2 * 30 + 7 * 3 * 16 * 30
+    prompts = 3 * 16 * 30 + 2 * 30 + 7 * 3 * 16 * 30
+    heads = 7 * (6 * 30 + 1)  # a (1 x M(M-1)d) output layer and its bias per pattern
+    assert parameters["trainable"] == prompts + heads
     assert parameters["total"] == parameters["backbone"] + parameters["trainable"]
     assert 0 < parameters["trainable_share_of_backbone"] < 1
     assert on_disk["aa"] is not None
