@@ -68,7 +68,7 @@ def test_bad_files_say_what_is_wrong(tmp_path: Path) -> None:
 
 
 def test_every_shipped_experiment_file_is_valid() -> None:
-    files = sorted((REPO / "experiments").glob("*.toml"))
+    files = sorted((REPO / "experiments").rglob("*.toml"))
     assert {f.stem for f in files} >= {"main", "table3", "table4", "table5", "table6", "figure5"}
     for file in files:
         for row in load_experiment(file).rows:
