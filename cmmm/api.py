@@ -2,11 +2,12 @@
 
     import cmmm
     results = cmmm.run(stream="synthetic", strategy="ours", seed=0, strategy_options={"lam": 1.0})
-    results.aa, results.fm, results.matrix
-    again = cmmm.load_results(results.run_dir)    # what `cmmm run` wrote, as the same object
+    results.aa, results.fm, results.matrix_array()
+    again = cmmm.load_results(results.directory)    # what `cmmm run` wrote, as the same object
 
 ``run`` is what ``cmmm run`` calls: the same defaults, the same run directory and
-``results.json``; the object it returns is that file read back (``cmmm.results.Results``).
+``results.json``; the object it returns is that file read back (``cmmm.results.Results``, one
+attribute per key of the file; ``to_json()`` gives the file's content).
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import statistics
 from collections.abc import Callable, Sequence
@@ -25,7 +24,8 @@ import numpy as np
 
 from cmmm import running
 from cmmm.checkpoints import CHECKPOINT_FILE
-from cmmm.errors import ConfigError
+from cmmm.errors import ConfigError, DataError
+from cmmm.results import Results
 from cmmm.running import RunConfig, atomic_write_text
 from cmmm.significance import (
     difference_cell,
@@ -51,7 +51,7 @@ class RunOutcome:
     seed: int
     status: Status
     results_path: Path
-    result: dict[str, Any] | None = None
+    result: Results | None = None
     error: str | None = None
 
 
@@ -192,7 +192,7 @@ class Comparison:
 
     def markdown(self) -> str:
         seeds = sorted({o.seed for o in self.outcomes})
-        epochs = sorted({o.result["config"]["epochs"] for o in self.outcomes if o.result})
+        epochs = sorted({o.result.config["epochs"] for o in self.outcomes if o.result})
         per_task = f"{', '.join(map(str, epochs))} epochs per task; " if epochs else ""
         lines = [
             f"## {self.stream}: continual-learning comparison",
@@ -242,7 +242,7 @@ class Comparison:
                 f"No paired differences: the reference {self.reference} has no runs here.",
             ]
         lines += self.above_zeroshot_markdown()
-        walls = [o.result["wall_time_seconds"] for o in self.outcomes if o.result is not None]
+        walls = [o.result.wall_time_seconds for o in self.outcomes if o.result is not None]
         if walls:
             # Summed from each results.json, so reused runs count with the time they took then.
             lines += [
@@ -379,12 +379,9 @@ def _final_accuracies(outcomes: list[RunOutcome]) -> dict[str, dict[int, float]]
     """task code -> seed -> final accuracy on that task, from each run's ``per_task_final``."""
     by_code: dict[str, dict[int, float]] = {}
     for outcome in outcomes:
-        result = outcome.result or {}
-        tasks = result.get("stream", {}).get("tasks", [])
-        finals = result.get("per_task_final") or []
-        for task, final in zip(tasks, finals, strict=False):
-            if final.get("acc") is not None:
-                by_code.setdefault(task["code"], {})[outcome.seed] = final["acc"]
+        if outcome.result is not None:
+            for code, accuracy in outcome.result.final_accuracies().items():
+                by_code.setdefault(code, {})[outcome.seed] = accuracy
     return by_code
 
 
@@ -430,16 +427,12 @@ def expand_strategies(spec: str | Sequence[str], stream: str) -> list[str]:
     return names
 
 
-def _buffer_of(result: dict[str, Any]) -> int | None:
-    value = result.get("strategy", {}).get("options", {}).get("mem_size")
-    return value if isinstance(value, int) else None
-
-
-def read_results(path: Path) -> dict[str, Any] | None:
-    """A parsed ``results.json``, or None when it is absent or unreadable (then it is run again)."""
+def read_results(path: Path) -> Results | None:
+    """A finished run's results, or None when the file is absent, unreadable or not a complete
+    ``results.json`` (then the run is run again)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        return Results.load(path)
+    except DataError:
         return None
 
 
@@ -504,7 +497,8 @@ def run_or_reuse(
     log(f"{label}: {'resuming' if resume else 'running'}")
     try:
         # Looked up at call time so that tests can replace cmmm.running.run.
-        result = running.run(config, log=lambda message: log(f"  {message}"), resume=resume)
+        record = running.run(config, log=lambda message: log(f"  {message}"), resume=resume)
+        result = Results.from_json(record, path)
     except Exception as error:  # noqa: BLE001 - reported; the other runs go on
         message = f"{type(error).__name__}: {error}"
         log(f"{label}: FAILED ({message})")
@@ -523,7 +517,7 @@ def _rows(strategies: Sequence[str], outcomes: list[RunOutcome]) -> list[Compari
         rows.append(
             ComparisonRow(
                 strategy=strategy,
-                buffer=_buffer_of(results[0]) if results else None,
+                buffer=results[0].strategy.buffer if results else None,
                 aggregate=groups[0] if groups else None,
                 failed_seeds=[o.seed for o in mine if o.status == "failed"],
                 missing_seeds=[o.seed for o in mine if o.status == "missing"],

@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, Any
 
 from cmmm.comparison import HEADROOM_STRATEGIES, RunOutcome, run_or_reuse
 from cmmm.errors import ConfigError
+from cmmm.results import Results
 from cmmm.running import RunConfig, atomic_write_text
 from cmmm.significance import (
     difference_cell,
@@ -290,54 +291,48 @@ def with_headroom_rows(experiment: Experiment, base_overrides: dict[str, Any]) -
 class RowStatistics:
     """One row's finished runs over seeds, as both tables show them."""
 
-    results: list[dict[str, Any]]
+    results: list[Results]
     failed: list[RunOutcome]
 
     @property
     def aa(self) -> list[float]:
-        return [r["aa"] for r in self.results if r["aa"] is not None]
+        return [r.aa for r in self.results if r.aa is not None]
 
     @property
     def fm(self) -> list[float]:
-        return [r["fm"] for r in self.results if r["fm"] is not None]
+        return [r.fm for r in self.results if r.fm is not None]
 
     def aa_by_seed(self) -> dict[int, float]:
-        return {r["config"]["seed"]: r["aa"] for r in self.results if r["aa"] is not None}
+        return {r.seed: r.aa for r in self.results if r.aa is not None}
 
     @property
     def held_out_aa(self) -> list[float]:
         """AA on the held-out patterns (``eval_patterns``) of the seeds that have them."""
-        return [
-            r["held_out"]["aa"]
-            for r in self.results
-            if r.get("held_out") and r["held_out"]["aa"] is not None
-        ]
+        return [r.held_out.aa for r in self.results if r.held_out and r.held_out.aa is not None]
 
     @property
     def valid_aa(self) -> list[float]:
         """AA on the tasks' validation splits of the seeds that recorded it."""
-        return [
-            r["valid"]["aa"]
-            for r in self.results
-            if r.get("valid") and r["valid"]["aa"] is not None
-        ]
+        return [r.valid.aa for r in self.results if r.valid and r.valid.aa is not None]
 
     def held_out_per_case(self) -> str:
         """Final accuracy on each held-out pattern, mean over seeds, e.g. "a 55.0, t 71.2"."""
         by_code: dict[str, list[float]] = {}
         for r in self.results:
-            held_out = r.get("held_out") or {"tasks": [], "per_task_final": []}
-            for task, final in zip(held_out["tasks"], held_out["per_task_final"], strict=True):
-                by_code.setdefault(task["code"], []).append(final["acc"])
+            if r.held_out is None:
+                continue
+            finals = r.held_out.per_task_final
+            for task, final in zip(r.held_out.tasks, finals, strict=True):
+                by_code.setdefault(task.code, []).append(final["acc"])
         return ", ".join(f"{code} {statistics.mean(v):.1f}" for code, v in by_code.items())
 
     @property
     def trainable(self) -> int | None:
-        return self.results[0]["parameters"]["trainable"] if self.results else None
+        return self.results[0].parameters.trainable if self.results else None
 
     @property
     def wall_seconds(self) -> float | None:
-        walls = [r["wall_time_seconds"] for r in self.results]
+        walls = [r.wall_time_seconds for r in self.results]
         return statistics.mean(walls) if walls else None
 
     @property
@@ -474,12 +469,11 @@ def row_differences(
 def experiment_figure(experiment: Experiment, outcomes: dict[str, list[RunOutcome]]) -> Figure:
     """AA and FM per row (mean ± 95 % CI over seeds, each seed a dot), in the file's order."""
     from cmmm.plotting import RunGroup, comparison_figure
-    from cmmm.results import Results
 
     groups = [
-        RunGroup(row.label, [Results(o.results_path, o.result) for o in found])
+        RunGroup(row.label, found)
         for row in experiment.rows
-        if (found := [o for o in outcomes[row.label] if o.result is not None])
+        if (found := [o.result for o in outcomes[row.label] if o.result is not None])
     ]
     if not groups:
         raise ConfigError(f"{experiment.source}: no row has a finished run to plot")
@@ -540,7 +534,7 @@ def csv_table(experiment: Experiment, outcomes: dict[str, list[RunOutcome]]) -> 
             ),
             trainable=stats.trainable,
             wall_seconds_mean=stats.wall_seconds,
-            seeds=" ".join(str(r["config"]["seed"]) for r in stats.results),
+            seeds=" ".join(str(r.seed) for r in stats.results),
             failed_seeds=" ".join(str(o.seed) for o in stats.failed),
         )
         writer.writerow({k: "" if v is None else v for k, v in record.items()})

@@ -178,13 +178,13 @@ class ModalityRow:
         if result is None:
             return cls(tasks=2**m - 1, error=outcome.error, **common)
         return cls(
-            tasks=len(result["stream"]["tasks"]),
-            trainable=result["parameters"]["trainable"],
-            aa=result["aa"],
-            fm=result["fm"],
-            train_seconds=result["train_time_seconds"],
-            wall_seconds=result["wall_time_seconds"],
-            pretrained_here=result["pretraining"].get("cached") is False,
+            tasks=len(result.stream.tasks),
+            trainable=result.parameters.trainable,
+            aa=result.aa,
+            fm=result.fm,
+            train_seconds=result.train_time_seconds,
+            wall_seconds=result.wall_time_seconds,
+            pretrained_here=result.pretraining.get("cached") is False,
             **common,
         )
 

@@ -35,6 +35,8 @@ from cmmm.errors import ConfigError, DataError
 from cmmm.results import Results, find_results
 
 Kind = Literal["curves", "heatmap", "compare", "all"]
+# The two scores a comparison figure shows per group.
+Metric = Literal["aa", "fm"]
 KINDS: tuple[str, ...] = ("curves", "heatmap", "compare", "all")
 SUFFIXES: tuple[str, ...] = (".png", ".svg")
 DPI = 110
@@ -86,7 +88,7 @@ class RunGroup:
 
     @property
     def strategy(self) -> str:
-        return self.runs[0].strategy
+        return self.runs[0].strategy.name
 
     @property
     def joint(self) -> bool:
@@ -99,7 +101,7 @@ class RunGroup:
     @property
     def matrices(self) -> np.ndarray:
         """(seeds, steps, tasks)."""
-        return np.stack([run.matrix for run in self.runs])
+        return np.stack([run.matrix_array() for run in self.runs])
 
     def mean_matrix(self) -> np.ndarray:
         """The seed mean of the accuracy matrix; NaN only where every seed is NaN."""
@@ -122,14 +124,14 @@ def group_runs(runs: Sequence[Results], strategies: Sequence[str] | None = None)
     groups come in the order of the runs, joint training last.
     """
     if strategies:
-        known = sorted({run.strategy for run in runs})
+        known = sorted({run.strategy.name for run in runs})
         unknown = [s for s in strategies if s not in known]
         if unknown:
             raise ConfigError(
                 f"--strategy {','.join(unknown)}: no such runs; the runs given are of "
                 f"{', '.join(known)}"
             )
-        runs = [run for run in runs if run.strategy in strategies]
+        runs = [run for run in runs if run.strategy.name in strategies]
     streams = sorted({str(run.config["stream"]) for run in runs})
     if len(streams) > 1:
         raise DataError(
@@ -143,7 +145,7 @@ def group_runs(runs: Sequence[Results], strategies: Sequence[str] | None = None)
         )
     buckets: dict[str, list[Results]] = {}
     for run in runs:
-        key = json.dumps([run.strategy, settings_of(run)], sort_keys=True, default=str)
+        key = json.dumps([run.strategy.name, settings_of(run)], sort_keys=True, default=str)
         buckets.setdefault(key, []).append(run)
     members = [sorted(group, key=lambda r: (r.seed, str(r.path))) for group in buckets.values()]
     for group in members:
@@ -151,12 +153,12 @@ def group_runs(runs: Sequence[Results], strategies: Sequence[str] | None = None)
         duplicated = sorted({s for s in seeds if seeds.count(s) > 1})
         if duplicated:
             raise DataError(
-                f"{group[0].strategy}: several runs with the same settings and seed "
+                f"{group[0].strategy.name}: several runs with the same settings and seed "
                 f"{duplicated} ({', '.join(str(r.path) for r in group if r.seed in duplicated)}); "
                 "give only one of them"
             )
     if strategies:  # in the order asked for
-        members.sort(key=lambda group: list(strategies).index(group[0].strategy))
+        members.sort(key=lambda group: list(strategies).index(group[0].strategy.name))
     else:  # joint training last: the reference the sequential strategies are read against
         members.sort(key=lambda group: group[0].joint)
     return [RunGroup(_label(group, members), group) for group in members]
@@ -164,8 +166,8 @@ def group_runs(runs: Sequence[Results], strategies: Sequence[str] | None = None)
 
 def _label(group: list[Results], groups: list[list[Results]]) -> str:
     """The strategy name, plus the settings that tell it apart from same-named groups."""
-    name = group[0].strategy
-    rivals = [g for g in groups if g[0].strategy == name]
+    name = group[0].strategy.name
+    rivals = [g for g in groups if g[0].strategy.name == name]
     if len(rivals) == 1:
         return name
     mine = settings_of(group[0])
@@ -186,14 +188,14 @@ def stream_label(run: Results) -> str:
     name = str(run.config["stream"])
     if name in STREAM_LABELS:
         return STREAM_LABELS[name]
-    source = str(run.data["stream"].get("source", ""))
+    source = run.stream.source
     # A trailing local path ("in /data/x", "from /data/x") says nothing.
     source = re.sub(r"\s+((in|from)\s+)?/\S*$", "", source)
     return f"{name} ({source})" if source else name
 
 
 def metric_label(run: Results) -> str:
-    family = str(run.data.get("metric_family", ""))
+    family = run.metric_family
     return METRIC_LABELS.get(family, f"{family} accuracy" if family else "accuracy")
 
 
@@ -316,9 +318,9 @@ def _aa_so_far_panel(ax: Any, sequential: list[RunGroup], joint: list[RunGroup])
 
     palette = colormaps["Dark2"]
     for k, group in enumerate(sequential):
-        rows = [run.data.get("aa_so_far") for run in group.runs]
+        rows = [run.aa_so_far for run in group.runs]
         if any(row is None for row in rows):
-            raise DataError(f"{group.runs[0].path}: results.json has no aa_so_far")
+            raise DataError(f"{group.runs[0].directory}: results.json has no aa_so_far")
         values = np.array(rows, dtype=np.float64)
         mean = values.mean(axis=0)
         x = np.arange(values.shape[1])
@@ -336,7 +338,7 @@ def _aa_so_far_panel(ax: Any, sequential: list[RunGroup], joint: list[RunGroup])
             std = values.std(axis=0, ddof=1)
             ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.15, lw=0)
     for k, group in enumerate(joint):
-        aas = [run.data.get("aa") for run in group.runs if run.data.get("aa") is not None]
+        aas = [run.aa for run in group.runs if run.aa is not None]
         if not aas:
             continue
         ax.axhline(
@@ -402,7 +404,7 @@ def accuracy_heatmap(runs: Sequence[Results], strategies: Sequence[str] | None =
                     color="white" if dark else "black",
                 )
             if group.joint:
-                trained = group.runs[0].data["strategy"].get("trains", True)
+                trained = group.runs[0].strategy.trained
                 row = (
                     "trained on all\ntasks at once" if trained else "pre-trained only\n(zero-shot)"
                 )
@@ -443,7 +445,7 @@ def strategy_comparison(runs: Sequence[Results], strategies: Sequence[str] | Non
 
 # Beyond this many groups the labels no longer fit side by side: one row per group instead.
 HORIZONTAL_ABOVE_GROUPS = 8
-_COMPARED_METRICS = (
+_COMPARED_METRICS: tuple[tuple[Metric, str, str], ...] = (
     ("aa", "AA: final average accuracy (%)", "AA (%)"),
     ("fm", "FM: forgetting, lower is better (pp)", "FM (percentage points)"),
 )
@@ -479,8 +481,9 @@ class _GroupValues:
         return f"{self.mean:.2f} ± {self.half_width:.2f}"
 
 
-def _group_values(group: RunGroup, key: str) -> _GroupValues:
-    values = [r.data.get(key) for r in group.runs if r.data.get(key) is not None]
+def _group_values(group: RunGroup, key: Metric) -> _GroupValues:
+    found = [r.aa if key == "aa" else r.fm for r in group.runs]
+    values = [value for value in found if value is not None]
     return _GroupValues(np.array(values, dtype=np.float64), len(group.runs))
 
 
@@ -547,7 +550,7 @@ def _draw_group_point(
     bar.lines[0].set_gid(gid)  # the mean marker
 
 
-def _draw_comparison_columns(ax: Any, groups: Sequence[RunGroup], key: str) -> None:
+def _draw_comparison_columns(ax: Any, groups: Sequence[RunGroup], key: Metric) -> None:
     labels = []
     for k, group in enumerate(groups):
         drawn = _group_values(group, key)
@@ -562,7 +565,9 @@ def _draw_comparison_columns(ax: Any, groups: Sequence[RunGroup], key: str) -> N
     ax.grid(True, axis="y", alpha=0.3)
 
 
-def _draw_comparison_rows(ax: Any, groups: Sequence[RunGroup], key: str, first_panel: bool) -> None:
+def _draw_comparison_rows(
+    ax: Any, groups: Sequence[RunGroup], key: Metric, first_panel: bool
+) -> None:
     from matplotlib.transforms import blended_transform_factory
 
     # Row positions in axes x, data y: where "n/a" goes for a group with no value.

@@ -45,8 +45,9 @@ MEM_SIZE = Option(500, int, "total replay buffer size (samples)", minimum=1)
 def register_sized(family: str, description: str) -> Callable[[type[Strategy]], type[Strategy]]:
     """Register ``cls`` as ``<family>-<size>`` for every size in ``BUFFER_SIZES``.
 
-    The size is fixed by the name: a ``mem_size`` option on such a name is refused (construct the
-    class directly for another size). Every other option passes through.
+    The size is fixed by the name: a ``mem_size`` option of another size is refused (construct
+    the class directly for another size); the name's own size is accepted, so that the options a
+    strategy reports (``results.json``'s) rebuild it. Every other option passes through.
     """
 
     def decorator(cls: type[Strategy]) -> type[Strategy]:
@@ -54,12 +55,13 @@ def register_sized(family: str, description: str) -> Callable[[type[Strategy]], 
 
         def sized(size: int) -> Callable[..., Strategy]:
             def factory(**options: Any) -> Strategy:
-                if "mem_size" in options:
+                if options.get("mem_size", size) != size:
                     raise ConfigError(
                         f"{family}-{size}: the buffer size is fixed by the name; use one of "
                         f"{', '.join(f'{family}-{s}' for s in BUFFER_SIZES)}"
                     )
-                return cls(mem_size=size, **options)
+                rest = {k: v for k, v in options.items() if k != "mem_size"}
+                return cls(mem_size=size, **rest)
 
             return factory
 

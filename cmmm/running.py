@@ -51,7 +51,18 @@ from cmmm.data.standardization import standardize
 from cmmm.errors import CheckpointError, CmmmError, ConfigError, one_line
 from cmmm.evaluation import EvalTask, Evaluator
 from cmmm.pretraining import backbone_config_for, pretrained_backbone, task_criterion
-from cmmm.results import ADDED_SETTINGS, RESULTS_FILE
+from cmmm.results import (
+    ADDED_SETTINGS,
+    RESULTS_FILE,
+    HeldOut,
+    HeldOutTask,
+    Parameters,
+    Results,
+    StrategyRecord,
+    StreamRecord,
+    TaskRecord,
+    Validation,
+)
 from cmmm.run_guard import DivergenceGuard, locked_run_directory
 from cmmm.strategy import StrategyContext
 from cmmm.template_state import (
@@ -412,6 +423,8 @@ def run_unlocked(
 ) -> dict[str, Any]:
     """Run one configuration end to end and write ``results.json`` and TensorBoard events.
 
+    Returns what ``results.json`` holds, as JSON values (``Results.from_json`` types it).
+
     After every training step the run replaces ``checkpoint.pt`` in its directory
     (``cmmm.checkpoints``). ``resume``: continue from that checkpoint; the result is the one an
     uninterrupted run would have written. Without ``resume``, a directory holding an unfinished
@@ -603,8 +616,11 @@ def run_unlocked(
         )
     finally:
         writer.close()
-    atomic_write_text(run_dir / RESULTS_FILE, json.dumps(results, indent=2))
-    return results
+    # Checked as any reader will check it, so that a run never writes a file readers refuse.
+    record = results.to_json()
+    Results.from_json(record)
+    atomic_write_text(run_dir / RESULTS_FILE, json.dumps(record, indent=2))
+    return record
 
 
 def restore_checkpoint(
@@ -652,7 +668,7 @@ def results_record(
     pretraining: dict[str, Any],
     wall_seconds: float,
     train_seconds: float,
-) -> dict[str, Any]:
+) -> Results:
     """What ``results.json`` holds (see docs/outputs.md). ``total_backbone``: the
     backbone's parameters, counted before the strategy wrapped it. ``held_out``: the summary of
     the held-out patterns' evaluator, when the run has any; ``valid``: the same evaluator's
@@ -660,77 +676,76 @@ def results_record(
     stream = prepared.stream
     dataset = stream.dataset
     trainable = count_parameters(model, trainable_only=True)
-    extra: dict[str, Any] = {}
-    if held_out is not None:
-        extra["held_out"] = {
-            "tasks": [
-                {
-                    "name": t.name,
-                    "code": t.code,
-                    "pattern": list(t.pattern),
-                    "test_samples": len(t.test),
-                }
-                for t in stream.held_out
-            ],
-            # Rows: training steps (as in "matrix"); columns: the held-out patterns.
-            **{k: held_out[k] for k in ("matrix", "aa", "per_task_final")},
-        }
-    if valid is not None:
-        # Rows and columns as in "matrix", on each task's validation split: what options are
-        # chosen on.
-        extra["valid"] = {k: valid[k] for k in ("matrix", "aa", "fm", "per_task_final")}
-    return {
-        "config": asdict(config),
-        "run_dir": str(config.run_dir()),
-        "stream": {
-            "name": dataset.name,
-            "source": dataset.source,
-            "modalities": list(dataset.modalities),
-            "layout": stream.layout.describe(),
-            "task_data": stream.task_data,
-            "missing_rate": stream.missing_rate,
-            "missing_mode": stream.missing_mode,
-            "tasks": [
-                {
-                    "index": t.index,
-                    "name": t.name,
-                    "code": t.code,
-                    "pattern": list(t.pattern),
-                    "train_samples": len(t.train),
-                    "test_samples": len(t.test),
-                }
+    return Results(
+        config=asdict(config),
+        run_dir=str(config.run_dir()),
+        stream=StreamRecord(
+            name=dataset.name,
+            source=dataset.source,
+            modalities=list(dataset.modalities),
+            layout=stream.layout.describe(),
+            task_data=stream.task_data,
+            missing_rate=stream.missing_rate,
+            missing_mode=stream.missing_mode,
+            tasks=[
+                TaskRecord(
+                    index=t.index,
+                    name=t.name,
+                    code=t.code,
+                    pattern=list(t.pattern),
+                    train_samples=len(t.train),
+                    test_samples=len(t.test),
+                )
                 for t in stream.tasks
             ],
-        },
-        "strategy": {
-            "name": config.strategy,
-            "joint": strategy.joint,
-            "trains": strategy.trains,
-            "options": strategy.options(),
-        },
-        "pretraining": pretraining,
-        **{
-            k: summary[k]
-            for k in (
-                "metric_family",
-                "matrix",
-                "aa",
-                "fm",
-                "bwt",
-                "aa_so_far",
-                "per_task_final",
-                "history",
-            )
-        },
-        "parameters": {
-            "trainable": trainable,
-            "total": count_parameters(model, trainable_only=False),
-            "backbone": total_backbone,
-            "trainable_share_of_backbone": trainable / total_backbone,
-        },
-        **extra,
-        "device": str(prepared.device),
-        "wall_time_seconds": wall_seconds,
-        "train_time_seconds": train_seconds,
-        "environment": environment_record(),
-    }
+        ),
+        strategy=StrategyRecord(
+            name=config.strategy,
+            joint=strategy.joint,
+            trains=strategy.trains,
+            options=strategy.options(),
+        ),
+        pretraining=pretraining,
+        metric_family=summary["metric_family"],
+        matrix=summary["matrix"],
+        aa=summary["aa"],
+        fm=summary["fm"],
+        bwt=summary["bwt"],
+        aa_so_far=summary["aa_so_far"],
+        per_task_final=summary["per_task_final"],
+        history=summary["history"],
+        parameters=Parameters(
+            trainable=trainable,
+            total=count_parameters(model, trainable_only=False),
+            backbone=total_backbone,
+            trainable_share_of_backbone=trainable / total_backbone,
+        ),
+        # Rows: training steps (as in "matrix"); columns: the held-out patterns.
+        held_out=None
+        if held_out is None
+        else HeldOut(
+            tasks=[
+                HeldOutTask(
+                    name=t.name, code=t.code, pattern=list(t.pattern), test_samples=len(t.test)
+                )
+                for t in stream.held_out
+            ],
+            matrix=held_out["matrix"],
+            aa=held_out["aa"],
+            per_task_final=held_out["per_task_final"],
+        ),
+        # Rows and columns as in "matrix", on each task's validation split: what options are
+        # chosen on.
+        valid=None
+        if valid is None
+        else Validation(
+            matrix=valid["matrix"],
+            aa=valid["aa"],
+            fm=valid["fm"],
+            per_task_final=valid["per_task_final"],
+        ),
+        device=str(prepared.device),
+        wall_time_seconds=wall_seconds,
+        train_time_seconds=train_seconds,
+        environment=environment_record(),
+    )

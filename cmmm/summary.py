@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cmmm.results import ADDED_SETTINGS
+from cmmm.results import ADDED_SETTINGS, Results
 
 
 def mean_spread(values: Sequence[float]) -> str:
@@ -65,35 +65,29 @@ def _settings(config: dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in shown.items())
 
 
-def aggregate(results: list[dict[str, Any]]) -> list[Aggregate]:
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+def aggregate(results: Sequence[Results]) -> list[Aggregate]:
+    groups: dict[tuple[str, str, str], list[Results]] = defaultdict(list)
     for result in results:
-        config = result["config"]
+        config = result.config
         groups[(config["stream"], config["strategy"], _settings(config))].append(result)
     rows = []
     for (stream, strategy, settings), members in sorted(groups.items()):
-        members.sort(key=lambda r: r["config"]["seed"])
+        members.sort(key=lambda r: r.seed)
         rows.append(
             Aggregate(
                 stream=stream,
                 strategy=strategy,
                 settings=settings,
-                seeds=[r["config"]["seed"] for r in members],
-                aa=[r["aa"] for r in members if r["aa"] is not None],
-                fm=[r["fm"] for r in members if r["fm"] is not None],
-                bwt=[r["bwt"] for r in members if r["bwt"] is not None],
-                wall_seconds=[r["wall_time_seconds"] for r in members],
-                trainable=members[0]["parameters"]["trainable"],
+                seeds=[r.seed for r in members],
+                aa=[r.aa for r in members if r.aa is not None],
+                fm=[r.fm for r in members if r.fm is not None],
+                bwt=[r.bwt for r in members if r.bwt is not None],
+                wall_seconds=[r.wall_time_seconds for r in members],
+                trainable=members[0].parameters.trainable,
                 held_out_aa=[
-                    r["held_out"]["aa"]
-                    for r in members
-                    if r.get("held_out") and r["held_out"]["aa"] is not None
+                    r.held_out.aa for r in members if r.held_out and r.held_out.aa is not None
                 ],
-                valid_aa=[
-                    r["valid"]["aa"]
-                    for r in members
-                    if r.get("valid") and r["valid"]["aa"] is not None
-                ],
+                valid_aa=[r.valid.aa for r in members if r.valid and r.valid.aa is not None],
             )
         )
     return rows

@@ -31,8 +31,9 @@ from typing import Any
 
 from cmmm import running
 from cmmm.comparison import RunOutcome, read_results
-from cmmm.errors import ConfigError
+from cmmm.errors import ConfigError, DataError
 from cmmm.experiments import Experiment, PlannedRun, write_tables
+from cmmm.results import Results
 from cmmm.running import RunConfig, atomic_write_text
 
 # ``cmmm.running.run``'s signature: ``(config, log=...) -> results``.
@@ -239,7 +240,7 @@ class SweepPlan:
 
     runs: list[PlannedRun]
     # run directory -> its results, for the runs that finished before.
-    finished: dict[Path, dict[str, Any]]
+    finished: dict[Path, Results]
 
     @property
     def to_run(self) -> list[PlannedRun]:
@@ -338,7 +339,7 @@ def run_sweep(
     function = run_function or running.run
     # ref -> (run, attempt); retried here rather than by Ray so that every retry is reported.
     pending: dict[Any, tuple[PlannedRun, int]] = {}
-    results: dict[Path, dict[str, Any]] = dict(plan.finished)
+    results: dict[Path, Results] = dict(plan.finished)
     errors: dict[Path, str] = {}
 
     def submit(run: PlannedRun, attempt: int) -> None:
@@ -354,7 +355,7 @@ def run_sweep(
             name = f"{run.label} seed {run.seed}"
             run_dir = run.config.run_dir()
             try:
-                result = ray.get(ref)
+                record = ray.get(ref)
             except ray.exceptions.RayError as error:
                 message = describe_error(error)
                 if attempt <= retries:
@@ -367,14 +368,20 @@ def run_sweep(
                 log(f"[{done}/{len(to_run)}] {name}: FAILED after {attempt} attempts ({message})")
                 continue
             done += 1
-            results[run_dir] = result
             results_path = run_dir / "results.json"
+            try:
+                result = Results.from_json(record, results_path)
+            except DataError as error:  # a run function that returned something else
+                errors[run_dir] = str(error)
+                log(f"[{done}/{len(to_run)}] {name}: FAILED ({error})")
+                continue
+            results[run_dir] = result
             if not results_path.exists():  # run on a node that does not share this disk
-                atomic_write_text(results_path, json.dumps(result, indent=2))
+                atomic_write_text(results_path, json.dumps(record, indent=2))
             (run_dir / ERROR_FILE).unlink(missing_ok=True)  # from an earlier, failed sweep
-            aa = result.get("aa")
+            aa = result.aa
             log(
-                f"[{done}/{len(to_run)}] {name}: done in {result['wall_time_seconds']:.1f} s"
+                f"[{done}/{len(to_run)}] {name}: done in {result.wall_time_seconds:.1f} s"
                 + ("" if aa is None else f", AA {aa:.2f}")
                 + f" ({time.perf_counter() - started:.0f} s into the sweep)"
             )
@@ -391,7 +398,7 @@ def _report(
     experiment: Experiment,
     out: Path,
     plan: SweepPlan,
-    results: dict[Path, dict[str, Any]],
+    results: dict[Path, Results],
     errors: dict[Path, str],
 ) -> SweepReport:
     """Every planned run's outcome (reused, ran or failed) and the tables written from them."""

@@ -102,3 +102,58 @@ def tiny_dataset():
     from streams.synthetic import SyntheticSpec, make_synthetic
 
     return make_synthetic(SyntheticSpec(**TINY_STREAM_OPTIONS))
+
+
+# Real finished runs that tests of readers (summaries, plots, tables) read back: what `cmmm run`
+# writes today, not JSON written by hand that may drift from it. Three tasks keep them fast;
+# two seeds of naive give a spread, lwf a second strategy, joint a one-row matrix.
+FINISHED_RUNS: tuple[tuple[str, int], ...] = (("naive", 0), ("naive", 1), ("lwf", 0), ("joint", 0))
+FINISHED_TASK_ORDER = "1,2,3"
+
+
+@pytest.fixture(scope="session")
+def finished_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The directory holding the run directories of ``FINISHED_RUNS``, each run once a session.
+
+    Read them, never write into them: every test of the session shares them.
+    """
+    from cmmm.running import run
+
+    root = tmp_path_factory.mktemp("finished")
+    for strategy, seed in FINISHED_RUNS:
+        config = make_tiny_config(
+            root, strategy=strategy, seed=seed, task_order=FINISHED_TASK_ORDER
+        )
+        run(config, log=lambda _: None)
+    return root / "runs"
+
+
+@pytest.fixture(scope="session")
+def finished_run(finished_runs: Path) -> Any:
+    """naive, seed 0, of ``finished_runs``, as ``cmmm.results.Results``."""
+    from cmmm.results import RESULTS_FILE, Results
+
+    [file] = finished_runs.glob(f"synthetic-naive-seed0-*/{RESULTS_FILE}")
+    return Results.load(file)
+
+
+def results_like(template: Any, config: Any, **changes: Any) -> dict[str, Any]:
+    """A real run's ``results.json`` (``template``, a ``Results``) as if ``config`` had run:
+    its configuration, directory and strategy name, plus ``changes`` to top-level keys (made-up
+    scores). For tests that fake ``cmmm.running.run`` with numbers chosen in advance. The
+    template's validation and held-out scores are left out: they would not match made-up test
+    scores (pass them in ``changes`` to have them)."""
+    import dataclasses
+
+    resolved = config.resolved()
+    strategy = dataclasses.replace(template.strategy, name=resolved.strategy)
+    faked = dataclasses.replace(
+        template,
+        config=dataclasses.asdict(resolved),
+        run_dir=str(resolved.run_dir()),
+        strategy=strategy,
+        valid=None,
+        held_out=None,
+        path=None,
+    )
+    return {**faked.to_json(), **changes}

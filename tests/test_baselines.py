@@ -241,6 +241,8 @@ def test_options_are_validated() -> None:
         STRATEGIES.get("ewc").factory(mode="online")
     with pytest.raises(ConfigError, match="fixed by the name"):
         STRATEGIES.get("er-500").factory(mem_size=100)
+    # The name's own size is what options() reports; it rebuilds the same strategy.
+    assert STRATEGIES.get("er-500").factory(mem_size=500).options()["mem_size"] == 500
     with pytest.raises(ConfigError, match="unknown option.*size"):
         STRATEGIES.get("er-500").factory(size=100)
     with pytest.raises(ConfigError, match="must be >= 1"):

@@ -6,17 +6,19 @@ import csv
 import io
 import json
 import statistics
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import results_like
 from typer.testing import CliRunner
 
 import cmmm.running
 from cmmm.cli import app
 from cmmm.comparison import compare, expand_strategies
 from cmmm.errors import ConfigError
+from cmmm.results import Results
 from cmmm.running import RunConfig, atomic_write_text
 
 
@@ -44,20 +46,29 @@ def fake_fm(strategy: str, seed: int) -> float:
     return 1.0 + 0.5 * seed - 0.1 * len(strategy)
 
 
+# A real run's results (conftest's finished_run) that fake_run gives made-up scores.
+TEMPLATE: list[Results] = []
+
+
+@pytest.fixture(autouse=True)
+def template(finished_run: Results) -> None:
+    TEMPLATE[:] = [finished_run]
+
+
 def fake_run(config: RunConfig, log: Any = print, **_: Any) -> dict[str, Any]:
     """What ``run`` writes, with made-up numbers that depend on strategy and seed."""
     config = config.resolved()
     options = {"mem_size": int(config.strategy.split("-")[1])} if "-" in config.strategy else {}
-    result = {
-        "config": asdict(config),
-        "run_dir": str(config.run_dir()),
-        "strategy": {"name": config.strategy, "joint": False, "options": options},
-        "aa": fake_aa(config.strategy, config.seed),
-        "fm": fake_fm(config.strategy, config.seed),
-        "bwt": -fake_fm(config.strategy, config.seed),
-        "parameters": {"trainable": 1000 + len(config.strategy)},
-        "wall_time_seconds": 10.0 + config.seed,
-    }
+    result = results_like(
+        TEMPLATE[0],
+        config,
+        strategy={"name": config.strategy, "joint": False, "options": options},
+        aa=fake_aa(config.strategy, config.seed),
+        fm=fake_fm(config.strategy, config.seed),
+        bwt=-fake_fm(config.strategy, config.seed),
+        parameters={**TEMPLATE[0].parameters.to_json(), "trainable": 1000 + len(config.strategy)},
+        wall_time_seconds=10.0 + config.seed,
+    )
     atomic_write_text(config.run_dir() / "results.json", json.dumps(result))
     return result
 

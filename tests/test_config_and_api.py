@@ -146,11 +146,11 @@ def test_load_results_returns_what_the_cli_wrote(cli_run: tuple[Path, Path]) -> 
     written = json.loads((run_dir / "results.json").read_text())
     for path in (run_dir, run_dir / "results.json", str(run_dir)):
         loaded = cmmm.load_results(path)
-        assert loaded.data == written
+        assert loaded.to_json() == written
     assert loaded.aa == written["aa"] and loaded.fm == written["fm"]
-    assert loaded.matrix.tolist() == written["matrix"]
-    assert loaded.strategy == "naive" and loaded.stream == "synthetic"
-    assert loaded.run_dir == run_dir
+    assert loaded.matrix == written["matrix"] == loaded.matrix_array().tolist()
+    assert loaded.strategy.name == "naive" and loaded.config["stream"] == "synthetic"
+    assert loaded.directory == run_dir
     assert loaded.task_names[0] == written["stream"]["tasks"][0]["name"]
 
 
@@ -162,12 +162,12 @@ def test_api_run_gives_the_cli_result_for_the_same_config(
     # The same configuration (from the file) in a fresh place: the same numbers.
     results = cmmm.run(root / "tiny.toml", log=None, out=str(tmp_path / "runs"))
     assert isinstance(results, cmmm.Results)
-    assert results.data == json.loads((results.run_dir / "results.json").read_text())
-    assert results.matrix.tolist() == from_cli.matrix.tolist()
-    assert results.run_dir.name == run_dir.name  # same resolved config, same key
+    assert results.to_json() == json.loads((results.directory / "results.json").read_text())
+    assert results.matrix == from_cli.matrix
+    assert results.directory.name == run_dir.name  # same resolved config, same key
     # Keyword settings and a RunConfig work too; a repeated run from results.json is equal.
     again = cmmm.run(run_dir / "results.json", log=None, out=str(tmp_path / "again"))
-    assert again.matrix.tolist() == from_cli.matrix.tolist()
+    assert again.matrix == from_cli.matrix
 
 
 def test_api_rejects_what_the_cli_rejects(tmp_path: Path) -> None:

@@ -108,7 +108,7 @@ def test_run_writes_a_table_and_reuses_finished_runs(tmp_path: Path) -> None:
         [line] = [
             ln for ax in fig.axes for ln in ax.get_lines() if ln.get_gid() == f"aa|{row.label}"
         ]
-        expected = sum(o.result["aa"] for o in outcomes[row.label]) / len(experiment.seeds)
+        expected = sum(o.result.aa for o in outcomes[row.label]) / len(experiment.seeds)
         assert line.get_ydata()[0] == pytest.approx(expected)
     assert "tiny" in fig._suptitle.get_text()
 
@@ -129,7 +129,11 @@ def test_run_writes_a_table_and_reuses_finished_runs(tmp_path: Path) -> None:
     assert "| P_TS only |" in result.output
 
 
-def test_tables_pair_rows_with_the_reference_and_add_headroom_rows(tmp_path: Path) -> None:
+def test_tables_pair_rows_with_the_reference_and_add_headroom_rows(
+    tmp_path: Path, finished_run
+) -> None:
+    import dataclasses
+
     from cmmm.comparison import RunOutcome
     from cmmm.experiments import DEFAULT_SEEDS, markdown_table, with_headroom_rows
 
@@ -150,13 +154,16 @@ def test_tables_pair_rows_with_the_reference_and_add_headroom_rows(tmp_path: Pat
     outcomes = {row.label: [] for row in experiment.rows}
     for label, values in aa.items():
         for seed, value in enumerate(values):
-            result = {
-                "config": {"seed": seed},
-                "aa": value,
-                "fm": 1.0,
-                "parameters": {"trainable": 1},
-                "wall_time_seconds": 1.0,
-            }
+            # A real run's results with made-up scores (no validation scores to match them).
+            result = dataclasses.replace(
+                finished_run,
+                config={**finished_run.config, "seed": seed},
+                aa=value,
+                fm=1.0,
+                parameters=dataclasses.replace(finished_run.parameters, trainable=1),
+                wall_time_seconds=1.0,
+                valid=None,
+            )
             outcomes[label].append(RunOutcome(label, seed, "ran", tmp_path, result))
     table = markdown_table(experiment, outcomes)
     # ewc AA 61, 63.5, 62: s = sqrt(1.5833) = 1.2583, half-width 4.3027 * 1.2583 / sqrt(3) = 3.13.

@@ -20,7 +20,7 @@ from cmmm.comparison import RunOutcome as Outcome
 from cmmm.data.missing_stream import build_stream, sample_patterns
 from cmmm.data.patterns import all_patterns, nearest_pattern, parse_eval_patterns
 from cmmm.errors import ConfigError
-from cmmm.results import ADDED_SETTINGS
+from cmmm.results import ADDED_SETTINGS, Results
 from cmmm.running import RunConfig, RunStopped, run
 from strategies.ours import CompositionalPrompts, OursOptions, OursPrompts
 
@@ -231,7 +231,8 @@ def test_held_out_scores_survive_a_resume(tiny_config) -> None:
 def test_compare_table_shows_the_held_out_accuracy(tiny_config) -> None:
     config = tiny_config(strategy="naive", task_order="avt,vt", eval_patterns="t")
     result = run(config, log=quiet)
-    outcome = Outcome("naive", 0, "ran", Path(result["run_dir"]) / "results.json", result)
+    path = Path(result["run_dir"]) / "results.json"
+    outcome = Outcome("naive", 0, "ran", path, Results.load(path))
     table = Comparison("synthetic", [outcome], _rows(["naive"], [outcome])).markdown()
     assert "AA held-out (%)" in table
     assert f"{result['held_out']['aa']:.2f}" in table

@@ -1,10 +1,13 @@
-"""Figures of finished runs (``cmmm.plotting`` and ``cmmm plot``), from fabricated results.json."""
+"""Figures of finished runs (``cmmm.plotting`` and ``cmmm plot``), from real runs (conftest's
+``finished_runs``: naive seeds 0 and 1, lwf, joint, three tasks each) and edited copies of them
+where a test needs a case a run does not make (a cell not evaluated, another stream)."""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,79 +19,50 @@ from cmmm.plotting import (
     HORIZONTAL_ABOVE_GROUPS,
     accuracy_heatmap,
     forgetting_curves,
+    metric_label,
     plot,
     strategy_comparison,
     stream_label,
 )
-from cmmm.results import find_results
+from cmmm.results import RESULTS_FILE, Results, find_results
 
 runner = CliRunner()
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-TASKS = [("a·v·t", "avt"), ("v·t, a missing", "vt"), ("a·t, v missing", "at")]
-NAMES = [name for name, _ in TASKS]
-
-# Rows: after step j; columns: task i. Seed 1's first row has a cell that was not evaluated.
-NAIVE_0 = [[76.3, 70.0, 60.0], [72.0, 74.0, 61.0], [65.0, 69.0, 75.0]]
-NAIVE_1 = [[78.3, None, 58.0], [70.0, 76.0, 63.0], [61.0, 67.0, 77.0]]
-OURS_0 = [[77.0, 71.0, 62.0], [76.5, 75.0, 63.0], [76.0, 74.5, 76.0]]
-JOINT = [[74.0, 73.0, 72.0]]
 
 
-def metrics(matrix: list[list[float | None]], joint: bool) -> dict:
-    a = np.array([[np.nan if v is None else v for v in row] for row in matrix])
-    if joint:
-        return {"aa": float(np.nanmean(a[0])), "fm": None, "bwt": None, "aa_so_far": None}
-    final = a[-1]
-    forgetting = [np.nanmax(a[:-1, i]) - final[i] for i in range(len(final) - 1)]
-    return {
-        "aa": float(final.mean()),
-        "fm": float(np.mean(forgetting)),
-        "bwt": float(np.mean([final[i] - a[i, i] for i in range(len(final) - 1)])),
-        "aa_so_far": [float(np.nanmean(a[j, : j + 1])) for j in range(len(a))],
-    }
+@pytest.fixture(scope="module")
+def runs(finished_runs: Path) -> dict[tuple[str, int], Results]:
+    """(strategy, seed) -> the real run."""
+    return {(r.strategy.name, r.seed): r for r in find_results([finished_runs])}
 
 
-def write_run(
+def copy_run(
+    run: Results,
     root: Path,
-    strategy: str,
-    seed: int,
-    matrix: list[list[float | None]],
-    joint: bool = False,
-    stream: str = "synthetic",
-    tasks: list[tuple[str, str]] = TASKS,
+    strategy: str | None = None,
+    seed: int | None = None,
+    stream_name: str | None = None,
+    **changes: Any,
 ) -> Path:
+    """A copy of ``run`` under ``root``, as another strategy, seed or stream, with ``changes``
+    to its fields; the copy's directory is returned."""
+    strategy = strategy or run.strategy.name
+    seed = run.seed if seed is None else seed
+    stream = stream_name or run.config["stream"]
+    copy = dataclasses.replace(
+        run,
+        config={**run.config, "strategy": strategy, "seed": seed, "stream": stream},
+        strategy=dataclasses.replace(run.strategy, name=strategy),
+        **changes,
+    )
     run_dir = root / f"{stream}-{strategy}-seed{seed}-0123456789"
     run_dir.mkdir(parents=True)
-    results = {
-        "config": {"stream": stream, "strategy": strategy, "seed": seed, "epochs": 2},
-        "stream": {
-            "name": stream,
-            "source": "fabricated for a test",
-            "tasks": [
-                {"index": i, "name": name, "code": code} for i, (name, code) in enumerate(tasks)
-            ],
-        },
-        "strategy": {"name": strategy, "joint": joint, "options": {}},
-        "metric_family": "mosi",
-        "matrix": matrix,
-        **metrics(matrix, joint),
-    }
-    (run_dir / "results.json").write_text(json.dumps(results))
+    (run_dir / RESULTS_FILE).write_text(copy.dumps())
     return run_dir
 
 
-@pytest.fixture()
-def runs_dir(tmp_path: Path) -> Path:
-    root = tmp_path / "runs"
-    write_run(root, "naive", 0, NAIVE_0)
-    write_run(root, "naive", 1, NAIVE_1)
-    write_run(root, "ours", 0, OURS_0)
-    write_run(root, "joint", 0, JOINT, joint=True)
-    return root
-
-
-def as_array(matrix: list[list[float | None]]) -> np.ndarray:
-    return np.array([[np.nan if v is None else v for v in row] for row in matrix])
+def mean_of(*matrices: np.ndarray) -> np.ndarray:
+    return np.nanmean(np.stack(matrices), axis=0)
 
 
 def line(fig, gid: str):
@@ -97,11 +71,11 @@ def line(fig, gid: str):
     return found[0]
 
 
-def test_curves_of_one_run_plot_its_matrix(runs_dir: Path) -> None:
-    run = runs_dir / "synthetic-naive-seed0-0123456789"
-    fig = forgetting_curves(find_results([run]))
-    matrix = as_array(NAIVE_0)
-    for i, name in enumerate(NAMES):
+def test_curves_of_one_run_plot_its_matrix(runs) -> None:
+    run = runs["naive", 0]
+    fig = forgetting_curves([run])
+    matrix = run.matrix_array()
+    for i, name in enumerate(run.task_names):
         learned = line(fig, f"naive|{name}")
         assert learned.get_label() == name  # named by the missing pattern, not an index
         np.testing.assert_array_equal(learned.get_xdata(), np.arange(i, 3))
@@ -111,18 +85,19 @@ def test_curves_of_one_run_plot_its_matrix(runs_dir: Path) -> None:
             np.testing.assert_allclose(before.get_ydata(), matrix[: i + 1, i])
             assert before.get_linestyle() == ":"
     ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
-    assert ticks == ["1: a·v·t", "2: v·t, a missing", "3: a·t, v missing"]
+    assert ticks == [f"{step + 1}: {name}" for step, name in enumerate(run.task_names)]
     title = fig.get_suptitle()
-    assert "synthetic" in title and "binary accuracy on non-zero labels" in title
+    assert "synthetic" in title and metric_label(run) in title
+    assert metric_label(run) == "binary accuracy on non-zero labels (Acc-2)"
     assert fig.axes[0].get_ylabel() == "accuracy (%)"
     assert len(fig.axes) == 1  # one strategy: no AA-so-far panel
 
 
-def test_curves_of_several_seeds_plot_the_mean_with_a_band(runs_dir: Path) -> None:
-    fig = forgetting_curves(find_results([runs_dir]), strategies=["naive"])
-    seeds = np.stack([as_array(NAIVE_0), as_array(NAIVE_1)])
-    mean = np.nanmean(seeds, axis=0)  # the missing cell of seed 1 is ignored, not zeroed
-    for i, name in enumerate(NAMES):
+def test_curves_of_several_seeds_plot_the_mean_with_a_band(runs, finished_runs: Path) -> None:
+    fig = forgetting_curves(find_results([finished_runs]), strategies=["naive"])
+    seeds = np.stack([runs["naive", 0].matrix_array(), runs["naive", 1].matrix_array()])
+    mean = seeds.mean(axis=0)
+    for i, name in enumerate(runs["naive", 0].task_names):
         np.testing.assert_allclose(line(fig, f"naive|{name}").get_ydata(), mean[i:, i])
     assert "mean of 2 seeds" in fig.axes[0].get_title(loc="left")
     band = fig.axes[0].collections[0]  # task 0's min-max band
@@ -131,77 +106,92 @@ def test_curves_of_several_seeds_plot_the_mean_with_a_band(runs_dir: Path) -> No
     assert ys.max() == pytest.approx(seeds[:, :, 0].max())
 
 
-def test_curves_of_several_strategies_add_aa_so_far(runs_dir: Path) -> None:
-    runs = find_results([runs_dir])
-    fig = forgetting_curves(runs)
-    assert len(fig.axes) == 3  # naive, ours, then AA so far (joint has no curves)
-    expected = np.mean(
-        [metrics(NAIVE_0, False)["aa_so_far"], metrics(NAIVE_1, False)["aa_so_far"]], 0
-    )
+def test_a_cell_not_evaluated_is_left_out_of_the_seed_mean(runs, tmp_path: Path) -> None:
+    first, second = runs["naive", 0], runs["naive", 1]
+    matrix = [list(row) for row in second.matrix]
+    matrix[0][1] = None
+    copy_run(first, tmp_path)
+    copy_run(second, tmp_path, matrix=matrix)
+    fig = forgetting_curves(find_results([tmp_path]))
+    name = first.task_names[1]
+    before = line(fig, f"naive|{name}|before").get_ydata()
+    # Step 0 of task 1: only seed 0 has it; the missing cell is ignored, not zeroed.
+    assert before[0] == pytest.approx(first.matrix[0][1])
+    expected = mean_of(first.matrix_array(), second.matrix_array())
+    np.testing.assert_allclose(line(fig, f"naive|{name}").get_ydata(), expected[1:, 1])
+
+
+def test_curves_of_several_strategies_add_aa_so_far(runs, finished_runs: Path) -> None:
+    fig = forgetting_curves(find_results([finished_runs]))
+    assert len(fig.axes) == 3  # naive, lwf, then AA so far (joint has no curves)
+    expected = np.mean([runs["naive", 0].aa_so_far, runs["naive", 1].aa_so_far], 0)
     np.testing.assert_allclose(line(fig, "aa_so_far|naive").get_ydata(), expected)
-    np.testing.assert_allclose(
-        line(fig, "aa_so_far|ours").get_ydata(), metrics(OURS_0, False)["aa_so_far"]
-    )
+    np.testing.assert_allclose(line(fig, "aa_so_far|lwf").get_ydata(), runs["lwf", 0].aa_so_far)
     joint = line(fig, "aa_joint|joint").get_ydata()
-    assert joint[0] == pytest.approx(np.mean(JOINT[0]))
-    np.testing.assert_allclose(line(fig, "ours|a·v·t").get_ydata(), as_array(OURS_0)[:, 0])
+    assert joint[0] == pytest.approx(runs["joint", 0].aa)
+    lwf = runs["lwf", 0]
+    first_task = line(fig, f"lwf|{lwf.task_names[0]}").get_ydata()
+    np.testing.assert_allclose(first_task, lwf.matrix_array()[:, 0])
 
 
-def test_curves_refuse_joint_only(runs_dir: Path) -> None:
+def test_curves_refuse_joint_only(finished_runs: Path) -> None:
     with pytest.raises(DataError, match="joint"):
-        forgetting_curves(find_results([runs_dir]), strategies=["joint"])
+        forgetting_curves(find_results([finished_runs]), strategies=["joint"])
 
 
-def test_heatmap_shows_the_seed_mean_matrix_with_values(runs_dir: Path) -> None:
-    fig = accuracy_heatmap(find_results([runs_dir]), strategies=["naive", "joint"])
+def test_heatmap_shows_the_seed_mean_matrix_with_values(runs, finished_runs: Path) -> None:
+    fig = accuracy_heatmap(find_results([finished_runs]), strategies=["naive", "joint"])
     images = {ax.images[0].get_gid(): ax.images[0] for ax in fig.axes if ax.images}
     naive = images["heatmap|naive"].get_array()
-    expected = np.nanmean(np.stack([as_array(NAIVE_0), as_array(NAIVE_1)]), axis=0)
+    expected = mean_of(runs["naive", 0].matrix_array(), runs["naive", 1].matrix_array())
     np.testing.assert_allclose(np.ma.filled(naive, np.nan), expected)
     joint = images["heatmap|joint"].get_array()
     assert joint.shape == (1, 3)
-    np.testing.assert_allclose(joint, as_array(JOINT))
+    np.testing.assert_allclose(joint, runs["joint", 0].matrix_array())
     naive_ax = next(ax for ax in fig.axes if ax.images and ax.images[0] is images["heatmap|naive"])
     texts = [t.get_text() for t in naive_ax.texts]
     assert f"{expected[0, 0]:.1f}" in texts and len(texts) == 9
-    assert [t.get_text() for t in naive_ax.get_xticklabels()] == NAMES
+    assert [t.get_text() for t in naive_ax.get_xticklabels()] == runs["naive", 0].task_names
     assert any(ax.get_ylabel() == "accuracy (%)" for ax in fig.axes)  # the colour bar
 
 
-def test_heatmap_leaves_nan_cells_blank(tmp_path: Path) -> None:
-    run = write_run(tmp_path, "naive", 0, [[70.0, None, None], [69.0, 71.0, None], NAIVE_0[2]])
-    fig = accuracy_heatmap(find_results([run]))
+def test_heatmap_leaves_nan_cells_blank(runs, tmp_path: Path) -> None:
+    run = runs["naive", 0]
+    last = run.matrix[2]
+    matrix = [[last[0], None, None], [last[0], last[1], None], last]
+    fig = accuracy_heatmap(find_results([copy_run(run, tmp_path, matrix=matrix)]))
     array = fig.axes[0].images[0].get_array()
     assert array.mask.sum() == 3
     assert len(fig.axes[0].texts) == 6
 
 
-def test_compare_shows_aa_and_fm_with_spread(runs_dir: Path) -> None:
-    fig = strategy_comparison(find_results([runs_dir]))
-    aa = [metrics(NAIVE_0, False)["aa"], metrics(NAIVE_1, False)["aa"]]
+def test_compare_shows_aa_and_fm_with_spread(runs, finished_runs: Path) -> None:
+    fig = strategy_comparison(find_results([finished_runs]))
+    aa = [runs["naive", 0].aa, runs["naive", 1].aa]
     assert line(fig, "aa|naive").get_ydata()[0] == pytest.approx(np.mean(aa))
-    fm = [metrics(NAIVE_0, False)["fm"], metrics(NAIVE_1, False)["fm"]]
+    fm = [runs["naive", 0].fm, runs["naive", 1].fm]
     assert line(fig, "fm|naive").get_ydata()[0] == pytest.approx(np.mean(fm))
     aa_ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
     # Two seeds: half-width t(0.975, 1) * s / sqrt(2) = 12.7062 * s / sqrt(2).
     half = 12.7062 * np.std(aa, ddof=1) / np.sqrt(2)
-    assert aa_ticks[0] == f"naive\n{np.mean(aa):.2f} ± {half:.2f}\nn=2 seeds"
+    assert f"naive\n{np.mean(aa):.2f} ± {half:.2f}\nn=2 seeds" in aa_ticks
     fm_ticks = [t.get_text() for t in fig.axes[1].get_xticklabels()]
     assert "n/a (joint)" in fm_ticks[-1]  # joint last, no forgetting
     assert not [ln for ln in fig.axes[1].get_lines() if ln.get_gid() == "fm|joint"]
 
 
-def test_compare_of_many_strategies_draws_one_row_each(tmp_path: Path) -> None:
+def test_compare_of_many_strategies_draws_one_row_each(runs, tmp_path: Path) -> None:
     # A whole Table 2 does not fit side by side: one row per strategy, first strategy on top.
     names = [f"s{k:02d}" for k in range(HORIZONTAL_ABOVE_GROUPS + 1)]
+    base = runs["naive", 0]
+    assert base.aa is not None
     for k, name in enumerate(names):
-        shifted = [[v + k for v in row] for row in NAIVE_0]
-        write_run(tmp_path, name, 0, shifted)
-        write_run(tmp_path, name, 1, NAIVE_0)
-    write_run(tmp_path, "joint", 0, JOINT, joint=True)
+        copy_run(base, tmp_path, strategy=name, seed=0, aa=base.aa + k)
+        copy_run(base, tmp_path, strategy=name, seed=1)
+    copy_run(runs["joint", 0], tmp_path)
     fig = strategy_comparison(find_results([tmp_path]))
     for k, name in enumerate(names):
-        aa = [metrics(NAIVE_0, False)["aa"] + k, metrics(NAIVE_0, False)["aa"]]
+        aa = [base.aa + k, base.aa]
         marker = line(fig, f"aa|{name}")
         assert marker.get_xdata()[0] == pytest.approx(np.mean(aa))
         assert marker.get_ydata()[0] == k
@@ -215,50 +205,51 @@ def test_compare_of_many_strategies_draws_one_row_each(tmp_path: Path) -> None:
     assert fig.axes[0].get_xlabel() == "AA (%)"
 
 
-def test_plot_all_writes_valid_png_and_svg(runs_dir: Path, tmp_path: Path) -> None:
-    written = plot([runs_dir], tmp_path / "out" / "fig.png", kind="all")
+def test_plot_all_writes_valid_png_and_svg(finished_runs: Path, tmp_path: Path) -> None:
+    written = plot([finished_runs], tmp_path / "out" / "fig.png", kind="all")
     assert [p.name for p in written] == ["fig-curves.png", "fig-heatmap.png", "fig-compare.png"]
     for path in written:
         assert path.read_bytes()[:8] == PNG_SIGNATURE
-    [svg] = plot([runs_dir], tmp_path / "fig.svg", kind="heatmap")
+    [svg] = plot([finished_runs], tmp_path / "fig.svg", kind="heatmap")
     assert ET.parse(svg).getroot().tag.endswith("svg")
 
 
-def test_errors_name_the_path_or_suffix(runs_dir: Path, tmp_path: Path) -> None:
+def test_errors_name_the_path_or_suffix(runs, finished_runs: Path, tmp_path: Path) -> None:
     with pytest.raises(DataError, match="nowhere"):
         find_results([tmp_path / "nowhere"])
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="empty: no results.json"):
         find_results([tmp_path / "empty"])
     with pytest.raises(ConfigError, match="'.jpg'"):
-        plot([runs_dir], tmp_path / "fig.jpg")
+        plot([finished_runs], tmp_path / "fig.jpg")
     with pytest.raises(ConfigError, match="--strategy er"):
-        plot([runs_dir], tmp_path / "fig.png", strategies=["er"])
-    bad = write_run(tmp_path / "bad", "naive", 0, NAIVE_0[:2])  # 2 rows for 3 tasks
+        plot([finished_runs], tmp_path / "fig.png", strategies=["er"])
+    run = runs["naive", 0]
+    bad = copy_run(run, tmp_path / "bad", matrix=run.matrix[:2])  # 2 rows for 3 tasks
     with pytest.raises(DataError, match="3 x 3"):
         find_results([bad])
 
 
-def test_runs_of_different_streams_are_not_mixed(tmp_path: Path) -> None:
-    write_run(tmp_path, "naive", 0, NAIVE_0)
-    write_run(tmp_path, "naive", 0, NAIVE_0, stream="mosi")
+def test_runs_of_different_streams_are_not_mixed(runs, tmp_path: Path) -> None:
+    copy_run(runs["naive", 0], tmp_path)
+    copy_run(runs["naive", 0], tmp_path, stream_name="mosi")
     with pytest.raises(DataError, match="several streams"):
         forgetting_curves(find_results([tmp_path]))
 
 
-def test_stream_label_drops_a_local_path(tmp_path: Path) -> None:
-    run = write_run(tmp_path, "naive", 0, NAIVE_0, stream="odd")
-    [loaded] = find_results([run])
-    loaded.data["stream"]["source"] = "odd features in /data/odd"
+def test_stream_label_drops_a_local_path(runs, tmp_path: Path) -> None:
+    run = runs["naive", 0]
+    odd = dataclasses.replace(run.stream, source="odd features in /data/odd")
+    [loaded] = find_results([copy_run(run, tmp_path, stream_name="odd", stream=odd)])
     assert stream_label(loaded) == "odd (odd features)"
-    [mosi] = find_results([write_run(tmp_path / "m", "naive", 0, NAIVE_0, stream="mosi")])
+    [mosi] = find_results([copy_run(run, tmp_path / "m", stream_name="mosi")])
     assert stream_label(mosi) == "CMU-MOSI (real, bc-LSTM features)"
 
 
-def test_cli_plot_writes_the_file(runs_dir: Path, tmp_path: Path) -> None:
+def test_cli_plot_writes_the_file(finished_runs: Path, tmp_path: Path) -> None:
     out = tmp_path / "curves.png"
     result = runner.invoke(
-        app, ["plot", str(runs_dir), "--strategy", "naive,ours", "--out", str(out)]
+        app, ["plot", str(finished_runs), "--strategy", "naive,lwf", "--out", str(out)]
     )
     assert result.exit_code == 0, result.output
     assert out.read_bytes()[:8] == PNG_SIGNATURE
@@ -272,8 +263,12 @@ def test_cli_plot_writes_the_file(runs_dir: Path, tmp_path: Path) -> None:
         (["{runs}", "--out", "{tmp}/x.png", "--kind", "pie"], "--kind 'pie'"),
     ],
 )
-def test_cli_plot_errors_exit_2(runs_dir: Path, tmp_path: Path, args, fragment) -> None:
-    values = {"missing": str(tmp_path / "missing-run"), "tmp": str(tmp_path), "runs": str(runs_dir)}
+def test_cli_plot_errors_exit_2(finished_runs: Path, tmp_path: Path, args, fragment) -> None:
+    values = {
+        "missing": str(tmp_path / "missing-run"),
+        "tmp": str(tmp_path),
+        "runs": str(finished_runs),
+    }
     result = runner.invoke(app, ["plot", *(a.format(**values) for a in args)])
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import results_like
 
 import cmmm.running
 import cmmm.significance as significance
 from cmmm.comparison import compare, with_headroom
+from cmmm.results import Results
 from cmmm.running import RunConfig, atomic_write_text
 from cmmm.significance import paired_difference, t_interval, t_quantile_975
 
@@ -67,26 +69,47 @@ AA = {
 }
 
 
+# A real run's results (conftest's finished_run), cut to its first and last task, that
+# fake_run gives made-up scores.
+TEMPLATE: list[Results] = []
+
+
+@pytest.fixture(autouse=True)
+def template(finished_run: Results) -> Results:
+    first, last = finished_run.stream.tasks[0], finished_run.stream.tasks[-1]
+    two_tasks = dataclasses.replace(
+        finished_run,
+        stream=dataclasses.replace(finished_run.stream, tasks=[first, last]),
+        per_task_final=[finished_run.per_task_final[0], finished_run.per_task_final[-1]],
+    )
+    TEMPLATE[:] = [two_tasks]
+    return two_tasks
+
+
 def fake_run(config: RunConfig, log: Any = print, **_: Any) -> dict[str, Any]:
+    """A run whose AA is AA[strategy][seed]; its first task ends 5 above it, its last task 5
+    plus the seed below it."""
     config = config.resolved()
     aa = AA[config.strategy][config.seed]
-    result = {
-        "config": asdict(config),
-        "run_dir": str(config.run_dir()),
-        "strategy": {"name": config.strategy, "joint": False, "options": {}},
-        "stream": {"tasks": [{"code": "avt"}, {"code": "t"}]},
-        "per_task_final": [{"acc": aa + 5.0}, {"acc": aa - 5.0 - config.seed}],
-        "aa": aa,
-        "fm": 1.0,
-        "bwt": -1.0,
-        "parameters": {"trainable": 10},
-        "wall_time_seconds": 1.0,
-    }
+    first, last = TEMPLATE[0].per_task_final
+    result = results_like(
+        TEMPLATE[0],
+        config,
+        matrix=[[aa + 5.0, aa], [aa + 5.0, aa - 5.0 - config.seed]],
+        per_task_final=[{**first, "acc": aa + 5.0}, {**last, "acc": aa - 5.0 - config.seed}],
+        aa=aa,
+        fm=1.0,
+        bwt=-1.0,
+        parameters={**TEMPLATE[0].parameters.to_json(), "trainable": 10},
+        wall_time_seconds=1.0,
+    )
     atomic_write_text(config.run_dir() / "results.json", json.dumps(result))
     return result
 
 
-def test_compare_marks_significant_differences_and_counts_them(tmp_path: Path, monkeypatch) -> None:
+def test_compare_marks_significant_differences_and_counts_them(
+    tmp_path: Path, monkeypatch, template: Results
+) -> None:
     monkeypatch.setattr(cmmm.running, "run", fake_run)
     base = RunConfig(stream="synthetic", out=str(tmp_path), cache_dir=str(tmp_path / "c"))
     comparison = compare(base, ["naive", "ewc", "lwf", "zeroshot"], [0, 1, 2], log=lambda _: None)
@@ -111,13 +134,14 @@ def test_compare_marks_significant_differences_and_counts_them(tmp_path: Path, m
     # AA's own interval: naive 60, 62, 61 -> 61 ± 4.3027 * 1 / sqrt(3) = 2.48.
     assert rows["naive"][2] == "61.00 ± 2.48"
 
-    # Per task above zero-shot: avt is aa + 5 for every method, so the AA difference; t is
-    # aa - 5 - seed, where the seed cancels in the pairing.
+    # Per task above zero-shot: the first is aa + 5 for every method, so the AA difference; the
+    # last is aa - 5 - seed, where the seed cancels in the pairing.
     assert "### Above zero-shot, per task" in markdown
     assert "| ewc | +11.17 | +11.17 | +11.17 |" in markdown
     comparison.write(tmp_path)
     above = list(csv.DictReader(open(tmp_path / "compare-synthetic-above-zeroshot.csv")))
-    naive_t = [r for r in above if r["strategy"] == "naive" and r["task"] == "t"][0]
+    last = template.stream.tasks[-1].code
+    naive_t = [r for r in above if r["strategy"] == "naive" and r["task"] == last][0]
     assert float(naive_t["above_zeroshot_mean"]) == pytest.approx(10.0)
     # naive - zeroshot on t: 10, 11, 9 -> s = 1, half-width 4.3027 / sqrt(3) = 2.4841.
     assert float(naive_t["ci95"]) == pytest.approx(2.4841, abs=1e-4)

@@ -50,7 +50,7 @@ def test_zeroshot_is_the_pretrained_backbone_evaluated_once(runs, tiny_config_at
 def test_plots_cope_with_one_row_matrices(runs, tmp_path: Path) -> None:
     from cmmm.plotting import accuracy_heatmap, forgetting_curves, strategy_comparison
 
-    loaded = [Results(Path(r["run_dir"]) / "results.json", r) for r in runs.values()]
+    loaded = [Results.load(Path(r["run_dir"]) / "results.json") for r in runs.values()]
     heatmap = accuracy_heatmap(loaded)
     labels = [t.get_text() for ax in heatmap.axes for t in ax.get_yticklabels()]
     assert "pre-trained only\n(zero-shot)" in labels and "trained on all\ntasks at once" in labels

@@ -12,7 +12,7 @@ import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -20,6 +20,9 @@ from rich.table import Table
 from rich.text import Text
 
 from cmmm.errors import CmmmError, ConfigError, one_line
+
+if TYPE_CHECKING:  # the CLI starts without numpy; cmmm.results imports it
+    from cmmm.results import Results
 
 app = typer.Typer(
     add_completion=False,
@@ -115,24 +118,22 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
     return options
 
 
-def summary_table(results: dict[str, Any]) -> Table:
-    tasks = results["stream"]["tasks"]
-    strategy = results["strategy"]["name"]
+def summary_table(results: Results) -> Table:
+    tasks = results.stream.tasks
     table = Table(
-        title=f"{results['stream']['name']} / {strategy}: accuracy (%) on each task "
+        title=f"{results.stream.name} / {results.strategy.name}: accuracy (%) on each task "
         "(columns) after training each step (rows)"
     )
     table.add_column("after step")
     for task in tasks:
-        table.add_column(task["code"], justify="right")
-    matrix = results["matrix"]
-    for step, row in enumerate(matrix):
-        if not results["strategy"].get("trains", True):
+        table.add_column(task.code, justify="right")
+    for step, row in enumerate(results.matrix):
+        if not results.strategy.trained:
             label = "untrained (zero-shot)"
-        elif results["strategy"]["joint"]:
+        elif results.strategy.joint:
             label = "joint (all tasks)"
         else:
-            label = f"{step + 1}: {tasks[step]['name']}"
+            label = f"{step + 1}: {tasks[step].name}"
         table.add_row(label, *("" if v is None else f"{v:.1f}" for v in row))
     return table
 

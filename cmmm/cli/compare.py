@@ -32,7 +32,7 @@ def summarize(
     from cmmm.results import find_results
     from cmmm.summary import aggregate, markdown_table
 
-    rows = aggregate([run.data for run in find_results(paths)])
+    rows = aggregate(find_results(paths))
     if not rows:
         raise ConfigError(f"no results.json under {', '.join(map(str, paths))}")
     print(markdown_table(rows))

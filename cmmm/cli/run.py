@@ -218,6 +218,7 @@ def resumed_config(
 
 def train_and_report(config: Any, resume: bool) -> None:
     """Run (or continue) ``config`` with a progress bar, then print its accuracy table."""
+    from cmmm.results import RESULTS_FILE, Results
     from cmmm.running import run as run_config
 
     with Progress(
@@ -248,7 +249,7 @@ def train_and_report(config: Any, resume: bool) -> None:
         def start_training(total_epochs: int) -> None:
             progress.update(bar, total=total_epochs, completed=0, description="training")
 
-        results = run_config(
+        record = run_config(
             config,
             log=log,
             on_epoch=on_epoch,
@@ -256,24 +257,24 @@ def train_and_report(config: Any, resume: bool) -> None:
             on_start=start_training,
             resume=resume,
         )
+    results = Results.from_json(record)
     out_console = Console(soft_wrap=True, markup=False)
     out_console.print(summary_table(results))
     out_console.print(
-        f"AA {format_metric(results['aa'])}  FM {format_metric(results['fm'])}  "
-        f"BWT {format_metric(results['bwt'])}  trainable parameters "
-        f"{results['parameters']['trainable']:,} / {results['parameters']['total']:,}  "
-        f"wall time {results['wall_time_seconds']:.1f} s",
+        f"AA {format_metric(results.aa)}  FM {format_metric(results.fm)}  "
+        f"BWT {format_metric(results.bwt)}  trainable parameters "
+        f"{results.parameters.trainable:,} / {results.parameters.total:,}  "
+        f"wall time {results.wall_time_seconds:.1f} s",
         highlight=False,
     )
-    held_out = results.get("held_out")
+    held_out = results.held_out
     if held_out:
         cells = ", ".join(
-            f"{task['code']} {final['acc']:.1f}"
-            for task, final in zip(held_out["tasks"], held_out["per_task_final"], strict=True)
+            f"{task.code} {final['acc']:.1f}"
+            for task, final in zip(held_out.tasks, held_out.per_task_final, strict=True)
         )
         out_console.print(
-            f"held-out missing cases (never trained on): AA {format_metric(held_out['aa'])} "
-            f"({cells})",
+            f"held-out missing cases (never trained on): AA {format_metric(held_out.aa)} ({cells})",
             highlight=False,
         )
-    out_console.print(f"results: {Path(results['run_dir']) / 'results.json'}", highlight=False)
+    out_console.print(f"results: {results.directory / RESULTS_FILE}", highlight=False)
