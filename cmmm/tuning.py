@@ -25,6 +25,7 @@ from typing import Any
 from cmmm.comparison import HEADROOM_STRATEGIES, RunOutcome, run_or_reuse
 from cmmm.errors import ConfigError
 from cmmm.experiments import Experiment, experiment_from_spec
+from cmmm.results import Results
 from cmmm.running import RunConfig, atomic_write_text
 from cmmm.significance import difference_cell, interval_cell, paired_difference
 
@@ -106,33 +107,34 @@ class Candidate:
 
     label: str
     config: RunConfig
-    results: list[dict[str, Any]]
+    results: list[Results]
 
     def valid_aa_by_seed(self) -> dict[int, float]:
         return {
-            r["config"]["seed"]: r["valid"]["aa"]
+            r.config["seed"]: r.valid.aa
             for r in self.results
-            if r.get("valid") and r["valid"].get("aa") is not None
+            if r.valid is not None and r.valid.aa is not None
         }
 
     @property
     def valid_aa(self) -> list[float]:
         return list(self.valid_aa_by_seed().values())
 
-    def values(self, *path: str) -> list[float]:
-        found = []
-        for r in self.results:
-            value: Any = r
-            for key in path:
-                value = value.get(key) if isinstance(value, dict) else None
-            if value is not None:
-                found.append(float(value))
-        return found
+    @property
+    def valid_fm(self) -> list[float]:
+        return [r.valid.fm for r in self.results if r.valid is not None and r.valid.fm is not None]
+
+    @property
+    def test_aa(self) -> list[float]:
+        return [r.aa for r in self.results if r.aa is not None]
+
+    @property
+    def test_fm(self) -> list[float]:
+        return [r.fm for r in self.results if r.fm is not None]
 
     @property
     def trainable_share(self) -> float | None:
-        shares = self.values("parameters", "trainable_share_of_backbone")
-        return shares[0] if shares else None
+        return self.results[0].parameters.trainable_share_of_backbone if self.results else None
 
 
 def rank_on_validation(
@@ -237,10 +239,10 @@ def tune_table(
                 f"{strategy} {rank}" if candidate.valid_aa else "-",
                 candidate.label,
                 interval_cell(candidate.valid_aa),
-                interval_cell(candidate.values("valid", "fm")),
+                interval_cell(candidate.valid_fm),
                 difference,
-                interval_cell(candidate.values("aa")),
-                interval_cell(candidate.values("fm")),
+                interval_cell(candidate.test_aa),
+                interval_cell(candidate.test_fm),
                 "-" if share is None else f"{100 * share:.2f}",
                 str(len(candidate.results)),
             ]

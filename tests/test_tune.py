@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from typer.testing import CliRunner
 from cmmm.cli import app
 from cmmm.comparison import RunOutcome
 from cmmm.errors import ConfigError
+from cmmm.results import Results, Validation
 from cmmm.tuning import (
     chosen_settings,
     experiment_from_flags,
@@ -36,17 +38,20 @@ def test_bad_grid_flags_are_one_line_errors(flags: list[str]) -> None:
         parse_grid(flags)
 
 
-def _result(seed: int, valid: float, test: float, share: float = 0.01) -> dict:
-    return {
-        "config": {"seed": seed},
-        "aa": test,
-        "fm": 1.0,
-        "valid": {"aa": valid, "fm": 0.5},
-        "parameters": {"trainable_share_of_backbone": share},
-    }
+def _result(template: Results, seed: int, valid: float, test: float) -> Results:
+    """A real run's results with made-up validation and test AA for ``seed``."""
+    return dataclasses.replace(
+        template,
+        config={**template.config, "seed": seed},
+        aa=test,
+        fm=1.0,
+        valid=Validation(matrix=[[valid]], aa=valid, fm=0.5, per_task_final=[]),
+    )
 
 
-def test_the_ranking_reads_validation_only_and_test_cannot_change_it(tmp_path: Path) -> None:
+def test_the_ranking_reads_validation_only_and_test_cannot_change_it(
+    tmp_path: Path, finished_run: Results
+) -> None:
     experiment = experiment_from_flags(
         "synthetic", "ours", parse_grid(["lr=0.001,0.01,0.1"]), [0, 1, 2], {}, tmp_path
     )
@@ -56,7 +61,13 @@ def test_the_ranking_reads_validation_only_and_test_cannot_change_it(tmp_path: P
     test = {low: [99.0, 99.0, 99.0], mid: [50.0, 50.0, 50.0], high: [60.0, 60.0, 60.0]}
     outcomes = {
         label: [
-            RunOutcome("ours", s, "reused", tmp_path, _result(s, valid[label][s], test[label][s]))
+            RunOutcome(
+                "ours",
+                s,
+                "reused",
+                tmp_path,
+                _result(finished_run, s, valid[label][s], test[label][s]),
+            )
             for s in range(3)
         ]
         for label in valid
@@ -72,14 +83,16 @@ def test_the_ranking_reads_validation_only_and_test_cannot_change_it(tmp_path: P
     assert run_command(settings) == "cmmm run --stream synthetic --strategy ours --lr 0.01"
 
 
-def test_rows_without_validation_results_rank_last_and_choose_nothing(tmp_path: Path) -> None:
+def test_rows_without_validation_results_rank_last_and_choose_nothing(
+    tmp_path: Path, finished_run: Results
+) -> None:
     experiment = experiment_from_flags(
         "synthetic", "ours", parse_grid(["prompt_length=2,4"]), [0], {}, tmp_path
     )
     first, second = (row.label for row in experiment.rows)
     outcomes = {
         first: [RunOutcome("ours", 0, "missing", tmp_path)],
-        second: [RunOutcome("ours", 0, "reused", tmp_path, _result(0, 50.0, 40.0))],
+        second: [RunOutcome("ours", 0, "reused", tmp_path, _result(finished_run, 0, 50.0, 40.0))],
     }
     ranked = rank_on_validation(experiment, outcomes)["ours"]
     assert [c.label for c in ranked] == [second, first]
