@@ -97,7 +97,8 @@ def test_command_line_flags_override_the_file(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     printed = tomllib.loads(result.stdout)
     assert printed["seed"] == 7
-    assert printed["strategy_options"] == {"lam": 0.25, "tau": 0.1}
+    # ours' changed default (trainable_head) is written into the resolved configuration.
+    assert printed["strategy_options"] == {"lam": 0.25, "tau": 0.1, "trainable_head": "pattern"}
     assert printed["epochs"] == 1  # from the file, not the flag's default
     # Another strategy on the command line does not inherit the file's strategy options.
     other = runner.invoke(
