@@ -25,6 +25,7 @@ import numpy as np
 
 from cmmm import running
 from cmmm.checkpoints import CHECKPOINT_FILE
+from cmmm.config import resolve
 from cmmm.errors import ConfigError
 from cmmm.running import RunConfig, atomic_write_text
 from cmmm.significance import (
@@ -458,8 +459,9 @@ def compare(
     """
     if not seeds:
         raise ConfigError("--seeds must be >= 1")
+    # Resolved before any run starts: a bad setting or option fails now, not hours in.
     configs = [
-        replace(base, strategy=strategy, seed=seed).resolved()
+        resolve(replace(base, strategy=strategy, seed=seed)).config
         for strategy in strategies
         for seed in seeds
     ]

@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cmmm.comparison import HEADROOM_STRATEGIES, RunOutcome, run_or_reuse
+from cmmm.config import complete, resolve
 from cmmm.errors import ConfigError
 from cmmm.running import RunConfig, atomic_write_text
 from cmmm.significance import (
@@ -124,12 +125,17 @@ class Experiment:
         return next((row.label for row in self.rows if row.config.strategy == "naive"), None)
 
     def planned_runs(self) -> list[PlannedRun]:
-        """Every (row, seed), in table order, resolved (stream defaults filled in)."""
-        return [
-            PlannedRun(row.label, seed, replace(row.config, seed=seed).resolved())
-            for row in self.rows
-            for seed in self.seeds
-        ]
+        """Every (row, seed), in table order, resolved (stream defaults filled in, the strategy
+        and its options checked): a bad row fails before any run starts."""
+        planned = []
+        for row in self.rows:
+            for seed in self.seeds:
+                try:
+                    resolved = resolve(replace(row.config, seed=seed))
+                except ConfigError as error:
+                    raise ConfigError(f"row {row.label!r}: {error}") from None
+                planned.append(PlannedRun(row.label, seed, resolved.config))
+        return planned
 
 
 def _grid_dimensions(grid: Any, where: str) -> list[GridDimension]:
@@ -364,7 +370,7 @@ def markdown_table(
         header.insert(header.index("trainable"), f"AA − {reference} (paired)")
     if has_paper:
         header.append("paper AA / FM")
-    resolved = [row.config.resolved() for row in experiment.rows]
+    resolved = [complete(row.config) for row in experiment.rows]
     streams = {config.stream for config in resolved}
     epochs = {config.epochs for config in resolved}
     # A grid may vary the stream or the epochs; then each row's label says which.

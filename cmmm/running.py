@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import platform
 import random
 import subprocess
@@ -38,6 +37,7 @@ from cmmm.checkpoints import (
     rewind_event_files,
     write_checkpoint,
 )
+from cmmm.config import ResolvedRun, complete, default_cache_dir, default_data_dir, resolve
 from cmmm.config_checks import check_run_settings
 from cmmm.data.catalog import STREAMS, StreamRequest
 from cmmm.data.missing_stream import (
@@ -80,11 +80,11 @@ class RunConfig:
     task_order: str = "default"
     task_data: str = "full"
     pretrain_epochs: int | None = None
-    data_dir: str = field(default_factory=lambda: os.environ.get("CMMM_DATA_DIR", "data"))
+    data_dir: str = field(default_factory=default_data_dir)
     out: str = "runs"
     # Built datasets and pre-trained backbones; never inside the data directory, which may be
     # shared and read-only.
-    cache_dir: str = field(default_factory=lambda: os.environ.get("CMMM_CACHE_DIR", ".cache"))
+    cache_dir: str = field(default_factory=default_cache_dir)
     device: str = "auto"
     # Intra-op threads of this run. One by default: on a small shared machine two threads made
     # a step of these tiny matrices up to 80x slower; run two runs side by side instead.
@@ -119,12 +119,10 @@ class RunConfig:
         return config
 
     def resolved(self) -> RunConfig:
-        """A copy with every unset value filled from the stream's defaults (then the paper's)."""
-        defaults = {**PAPER_DEFAULTS, **STREAMS.get(self.stream).defaults}
-        filled = {
-            k: defaults[k] if v is None and k in defaults else v for k, v in asdict(self).items()
-        }
-        return RunConfig(**filled).validate()
+        """A copy with every unset value filled from the stream's defaults (then the paper's):
+        ``cmmm.config.complete``. Code that runs or plans runs calls ``cmmm.config.resolve``,
+        which also builds the strategy; this is the configuration half, for a quick look."""
+        return complete(self)
 
     def validate(self) -> RunConfig:
         check_run_settings(self)  # types and upper bounds first, so the checks below can compare
@@ -338,25 +336,24 @@ class RunStopped(Exception):
         self.completed_steps = completed_steps
 
 
-def resumable_config(run_dir: Path) -> tuple[RunConfig, RunCheckpoint]:
-    """The configuration of the run in ``run_dir`` (from its checkpoint, with ``out`` set to the
-    directory's parent) and the checkpoint itself."""
+def resumable_config(run_dir: Path) -> tuple[ResolvedRun, RunCheckpoint]:
+    """The resolved configuration of the run in ``run_dir`` (from its checkpoint, with ``out``
+    set to the directory's parent) and the checkpoint itself."""
     path = run_dir / CHECKPOINT_FILE
     checkpoint = read_checkpoint(path)
-    config = RunConfig.from_mapping(
-        {**checkpoint.config, "out": str(run_dir.parent)}, str(path)
-    ).resolved()
+    resolved = resolve(checkpoint.config, where=str(path), out=str(run_dir.parent))
+    config = resolved.config
     checkpoint.check_config(asdict(config), config.key(), path)
     if config.run_dir().name != run_dir.name:
         raise CheckpointError(
             f"{run_dir}: its checkpoint's configuration belongs in a directory named "
             f"{config.run_dir().name}; rename the directory back, then resume"
         )
-    return config, checkpoint
+    return resolved, checkpoint
 
 
 def run(
-    config: RunConfig,
+    config: RunConfig | ResolvedRun,
     log: Callable[[str], None] = print,
     on_epoch: Callable[[int, int, float], None] | None = None,
     on_step: Callable[[int, list[dict[str, float]]], None] | None = None,
@@ -367,14 +364,15 @@ def run(
 ) -> dict[str, Any]:
     """``run_unlocked`` holding the run directory's write lock (``cmmm.run_guard``): a second
     process writing the same run directory gets a ``RunDirectoryBusyError`` at once."""
-    with locked_run_directory(config.resolved().run_dir()):
+    resolved = resolve(config)
+    with locked_run_directory(resolved.config.run_dir()):
         return run_unlocked(
-            config, log, on_epoch, on_step, on_start, resume=resume, stop_after=stop_after
+            resolved, log, on_epoch, on_step, on_start, resume=resume, stop_after=stop_after
         )
 
 
 def run_unlocked(
-    config: RunConfig,
+    config: RunConfig | ResolvedRun,
     log: Callable[[str], None] = print,
     on_epoch: Callable[[int, int, float], None] | None = None,
     on_step: Callable[[int, list[dict[str, float]]], None] | None = None,
@@ -385,6 +383,9 @@ def run_unlocked(
 ) -> dict[str, Any]:
     """Run one configuration end to end and write ``results.json`` and TensorBoard events.
 
+    ``config``: a ``RunConfig`` (resolved here) or what ``cmmm.config.resolve`` returned, whose
+    strategy is the one trained.
+
     After every training step the run replaces ``checkpoint.pt`` in its directory
     (``cmmm.checkpoints``). ``resume``: continue from that checkpoint; the result is the one an
     uninterrupted run would have written. Without ``resume``, a directory holding an unfinished
@@ -394,10 +395,8 @@ def run_unlocked(
     """
     from torch.utils.tensorboard import SummaryWriter
 
-    from cmmm.strategy import STRATEGIES
-
-    config = config.resolved()
-    strategy_entry = STRATEGIES.get(config.strategy)
+    resolved = resolve(config)
+    config, strategy = resolved.config, resolved.strategy
     run_dir = config.run_dir()
     checkpoint_path = run_dir / CHECKPOINT_FILE
     checkpoint = read_checkpoint(checkpoint_path, log) if resume else None
@@ -414,8 +413,8 @@ def run_unlocked(
     stream, backbone, device = prepared.stream, prepared.backbone, prepared.device
     dataset = stream.dataset
     total_backbone = count_parameters(backbone, trainable_only=False)
+    # Before the strategy builds its template: building draws the prompts' initial values.
     seed_everything(config.seed)
-    strategy = strategy_entry.factory(**config.strategy_options)
     run_dir.mkdir(parents=True, exist_ok=True)
     tensorboard_dir = run_dir / "tensorboard"
     if checkpoint is not None:

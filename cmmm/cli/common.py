@@ -144,12 +144,21 @@ def given_on_command_line(ctx: typer.Context, name: str) -> bool:
     return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
 
 
+def directory_overrides(data_dir: Path | None, cache_dir: Path | None) -> dict[str, Any]:
+    """--data-dir/--cache-dir as ``RunConfig`` settings, when given; the settings left out
+    take the environment's defaults (``cmmm.config.default_data_dir``)."""
+    overrides: dict[str, Any] = {}
+    if data_dir is not None:
+        overrides["data_dir"] = str(data_dir)
+    if cache_dir is not None:
+        overrides["cache_dir"] = str(cache_dir)
+    return overrides
+
+
 def with_directories(config: Any, data_dir: Path | None, cache_dir: Path | None) -> Any:
     """Apply --data-dir/--cache-dir when given (else the RunConfig's environment defaults)."""
-    if data_dir is not None:
-        config.data_dir = str(data_dir)
-    if cache_dir is not None:
-        config.cache_dir = str(cache_dir)
+    for name, value in directory_overrides(data_dir, cache_dir).items():
+        setattr(config, name, value)
     return config
 
 

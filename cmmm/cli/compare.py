@@ -132,11 +132,13 @@ def compare(
     console.print(f"{stream}: {', '.join(names)} x seeds 0..{seeds - 1}", highlight=False)
     if orders:
         from cmmm.comparison import compare_orders, random_task_orders
+        from cmmm.config import resolve
         from cmmm.running import load_stream
 
         if task_order != "default":
             raise ConfigError("--orders draws the task orders; do not also give --task-order")
-        task_codes = [task.code for task in load_stream(base.resolved(), log=lambda _m: None).tasks]
+        stream_of_base = load_stream(resolve(base).config, log=lambda _m: None)
+        task_codes = [task.code for task in stream_of_base.tasks]
         by_order = compare_orders(
             base,
             names,

@@ -17,13 +17,13 @@ from cmmm.cli.common import (
     MissingModeOption,
     MissingRateOption,
     console,
+    directory_overrides,
     format_metric,
     given_on_command_line,
     parse_options,
     reports_errors,
     summary_table,
     text_stream_options,
-    with_directories,
 )
 from cmmm.errors import ConfigError
 
@@ -106,9 +106,8 @@ def run(
     ] = None,
 ) -> None:
     """Train one strategy on one missing-modality stream and score it after every task."""
+    from cmmm.config import resolve
     from cmmm.config_files import config_to_toml, read_config_file
-    from cmmm.running import RunConfig
-    from cmmm.strategy import STRATEGIES
 
     if resume is not None:
         resumed = resumed_config(ctx, resume, data_dir=data_dir, cache_dir=cache_dir)
@@ -154,10 +153,10 @@ def run(
             **values.get("stream_options", {}),
             **text_stream_options(values.get("stream", "synthetic"), text),
         }
-    config = RunConfig.from_mapping(values, str(config_file or "command line")).resolved()
-    strategy_in_effect = STRATEGIES.get(config.strategy).factory(**config.strategy_options)
+    resolved = resolve(values, where=str(config_file or "command line"))
+    config = resolved.config
     if dry_run:
-        in_effect = "".join(f"\n  {k} = {v!r}" for k, v in strategy_in_effect.options().items())
+        in_effect = "".join(f"\n  {k} = {v!r}" for k, v in resolved.strategy.options().items())
         header = (
             f"cmmm run configuration (run key {config.key()})\n"
             f"{config.strategy} runs with these options (defaults unless set below):"
@@ -166,7 +165,7 @@ def run(
         print(config_to_toml(config, header=header), end="")
         return
 
-    train_and_report(config, resume=False)
+    train_and_report(resolved, resume=False)
 
 
 def resumed_config(
@@ -174,6 +173,7 @@ def resumed_config(
 ) -> Any:
     """The configuration to continue the run in ``run_dir`` with; None when it is finished."""
     from cmmm.checkpoints import CHECKPOINT_FILE
+    from cmmm.config import resolve
     from cmmm.errors import CheckpointError
     from cmmm.running import RESULTS_FILE, resumable_config
 
@@ -201,7 +201,7 @@ def resumed_config(
         raise CheckpointError(
             f"{run_dir}: no {CHECKPOINT_FILE} to resume from; start the run with `cmmm run`"
         )
-    config, checkpoint = resumable_config(run_dir)
+    resolved, checkpoint = resumable_config(run_dir)
     if checkpoint.finished and results.exists():
         console.print(
             f"{run_dir}: the run is finished; results in {results}",
@@ -209,11 +209,12 @@ def resumed_config(
             soft_wrap=True,
         )
         return None
-    config = with_directories(config, data_dir, cache_dir)
+    # Where and how the run computes may change on resuming; what it computes may not.
+    changes = directory_overrides(data_dir, cache_dir)
     for name in ("device", "threads"):
         if given_on_command_line(ctx, name):
-            setattr(config, name, ctx.params[name])
-    return config.validate()
+            changes[name] = ctx.params[name]
+    return resolve(resolved, **changes)
 
 
 def train_and_report(config: Any, resume: bool) -> None:
