@@ -50,7 +50,6 @@ import csv
 import io
 import itertools
 import json
-import statistics
 import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -61,12 +60,8 @@ from cmmm.comparison import HEADROOM_STRATEGIES, RunOutcome, run_or_reuse
 from cmmm.config import complete, resolve
 from cmmm.errors import ConfigError
 from cmmm.running import RunConfig, atomic_write_text
-from cmmm.significance import (
-    difference_cell,
-    half_width,
-    interval_cell,
-    paired_difference,
-)
+from cmmm.significance import difference_cell, significance_footer
+from cmmm.summary import SeedStatistics, paired_differences
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -284,71 +279,16 @@ def with_headroom_rows(experiment: Experiment, base_overrides: dict[str, Any]) -
     return replace(experiment, rows=[*experiment.rows, *added])
 
 
-@dataclass(frozen=True)
-class RowStatistics:
-    """One row's finished runs over seeds, as both tables show them."""
-
-    results: list[dict[str, Any]]
-    failed: list[RunOutcome]
-
-    @property
-    def aa(self) -> list[float]:
-        return [r["aa"] for r in self.results if r["aa"] is not None]
-
-    @property
-    def fm(self) -> list[float]:
-        return [r["fm"] for r in self.results if r["fm"] is not None]
-
-    def aa_by_seed(self) -> dict[int, float]:
-        return {r["config"]["seed"]: r["aa"] for r in self.results if r["aa"] is not None}
-
-    @property
-    def held_out_aa(self) -> list[float]:
-        """AA on the held-out patterns (``eval_patterns``) of the seeds that have them."""
-        return [
-            r["held_out"]["aa"]
-            for r in self.results
-            if r.get("held_out") and r["held_out"]["aa"] is not None
-        ]
-
-    @property
-    def valid_aa(self) -> list[float]:
-        """AA on the tasks' validation splits of the seeds that recorded it."""
-        return [
-            r["valid"]["aa"]
-            for r in self.results
-            if r.get("valid") and r["valid"]["aa"] is not None
-        ]
-
-    def held_out_per_case(self) -> str:
-        """Final accuracy on each held-out pattern, mean over seeds, e.g. "a 55.0, t 71.2"."""
-        by_code: dict[str, list[float]] = {}
-        for r in self.results:
-            held_out = r.get("held_out") or {"tasks": [], "per_task_final": []}
-            for task, final in zip(held_out["tasks"], held_out["per_task_final"], strict=True):
-                by_code.setdefault(task["code"], []).append(final["acc"])
-        return ", ".join(f"{code} {statistics.mean(v):.1f}" for code, v in by_code.items())
-
-    @property
-    def trainable(self) -> int | None:
-        return self.results[0]["parameters"]["trainable"] if self.results else None
-
-    @property
-    def wall_seconds(self) -> float | None:
-        walls = [r["wall_time_seconds"] for r in self.results]
-        return statistics.mean(walls) if walls else None
-
-    @property
-    def seeds(self) -> str:
-        failed = f" ({len(self.failed)} failed)" if self.failed else ""
-        return f"{len(self.results)}{failed}"
+def _statistics(outcomes: list[RunOutcome]) -> SeedStatistics:
+    return SeedStatistics.of([o.result for o in outcomes if o.result is not None])
 
 
-def _statistics(outcomes: list[RunOutcome]) -> RowStatistics:
-    return RowStatistics(
-        results=[o.result for o in outcomes if o.result is not None],
-        failed=[o for o in outcomes if o.status == "failed"],
-    )
+def _failed(outcomes: list[RunOutcome]) -> list[RunOutcome]:
+    return [o for o in outcomes if o.status == "failed"]
+
+
+def _seeds_cell(stats: SeedStatistics, failed: list[RunOutcome]) -> str:
+    return f"{len(stats.seeds)}" + (f" ({len(failed)} failed)" if failed else "")
 
 
 def markdown_table(
@@ -387,42 +327,29 @@ def markdown_table(
     ]
     failures: list[str] = []
     for row in experiment.rows:
-        stats = _statistics(outcomes[row.label])
-        wall = stats.wall_seconds
+        stats, failed = _statistics(outcomes[row.label]), _failed(outcomes[row.label])
+        wall = stats.wall_mean
         difference = []
         if differences:
             found = differences.get(row.label)
             difference = ["reference" if row.label == reference else difference_cell(found)]
         cells = [
             row.label,
-            interval_cell(stats.aa),
-            interval_cell(stats.fm),
-            *([interval_cell(stats.valid_aa)] if valid else []),
-            *([interval_cell(stats.held_out_aa), stats.held_out_per_case()] if held_out else []),
+            stats.cell("aa"),
+            stats.cell("fm"),
+            *([stats.cell("valid_aa")] if valid else []),
+            *([stats.cell("held_out_aa"), stats.held_out_per_case()] if held_out else []),
             *difference,
             "-" if stats.trainable is None else f"{stats.trainable:,}",
             "-" if wall is None else f"{wall:.0f}",
-            stats.seeds,
+            _seeds_cell(stats, failed),
         ]
         if has_paper:
             cells.append(row.paper or "")
         lines.append("| " + " | ".join(cells) + " |")
-        failures += [f"- {row.label} seed {o.seed}: {o.error}" for o in stats.failed]
+        failures += [f"- {row.label} seed {o.seed}: {o.error}" for o in failed]
     if differences:
-        compared = [d for label, d in differences.items() if label != reference]
-        decided = [d for d in compared if d is not None and d[0].half_width is not None]
-        significant = sum(d[0].excludes_zero for d in decided)
-        lines += [
-            "",
-            f"AA − {reference}: mean ± 95 % interval of the per-seed differences over the seeds "
-            "both finished (paired Student t); * marks an interval that excludes 0. "
-            f"**{significant} of {len(compared)} rows differ significantly from {reference}**"
-            + (
-                f" ({len(compared) - len(decided)} with fewer than 2 paired seeds)."
-                if len(decided) < len(compared)
-                else "."
-            ),
-        ]
+        lines += ["", significance_footer(differences, reference or "")]
     chosen = chosen_on_validation(experiment, outcomes)
     if chosen is not None:
         lines += [
@@ -442,7 +369,7 @@ def chosen_on_validation(
     """The row a user should pick: the highest mean validation AA, headroom rows aside; None
     when no row recorded validation AA."""
     candidates = {
-        row.label: statistics.mean(stats.valid_aa)
+        row.label: stats.mean("valid_aa")
         for row in experiment.rows
         if row.config.strategy not in HEADROOM_STRATEGIES
         and (stats := _statistics(outcomes[row.label])).valid_aa
@@ -455,18 +382,8 @@ def row_differences(
 ) -> dict[str, Any]:
     """Row label -> paired AA difference to the reference row (None for the reference itself
     or without pairs); empty when there is no reference row with finished runs."""
-    reference = experiment.reference_label()
-    if reference is None:
-        return {}
-    by_seed = _statistics(outcomes[reference]).aa_by_seed()
-    if not by_seed:
-        return {}
-    return {
-        row.label: None
-        if row.label == reference
-        else paired_difference(_statistics(outcomes[row.label]).aa_by_seed(), by_seed)
-        for row in experiment.rows
-    }
+    rows = {row.label: _statistics(outcomes[row.label]) for row in experiment.rows}
+    return paired_differences(rows, experiment.reference_label())
 
 
 def experiment_figure(experiment: Experiment, outcomes: dict[str, list[RunOutcome]]) -> Figure:
@@ -515,7 +432,7 @@ def csv_table(experiment: Experiment, outcomes: dict[str, list[RunOutcome]]) -> 
     writer.writeheader()
     differences = row_differences(experiment, outcomes)
     for row in experiment.rows:
-        stats = _statistics(outcomes[row.label])
+        stats, failed = _statistics(outcomes[row.label]), _failed(outcomes[row.label])
         record: dict[str, Any] = {"configuration": row.label}
         found = differences.get(row.label)
         if found is not None:
@@ -525,21 +442,11 @@ def csv_table(experiment: Experiment, outcomes: dict[str, list[RunOutcome]]) -> 
                 aa_diff_significant=found[0].excludes_zero,
             )
         record.update({name: _csv_value(value) for name, value in row.grid_point.items()})
+        values = stats.csv_values()
+        record.update({name: values[name] for name in CSV_METRICS if name in values})
         record.update(
-            aa_mean=statistics.mean(stats.aa) if stats.aa else None,
-            aa_std=statistics.stdev(stats.aa) if len(stats.aa) > 1 else None,
-            aa_ci95=half_width(stats.aa),
-            fm_ci95=half_width(stats.fm),
-            fm_mean=statistics.mean(stats.fm) if stats.fm else None,
-            fm_std=statistics.stdev(stats.fm) if len(stats.fm) > 1 else None,
-            held_out_aa_mean=statistics.mean(stats.held_out_aa) if stats.held_out_aa else None,
-            held_out_aa_std=(
-                statistics.stdev(stats.held_out_aa) if len(stats.held_out_aa) > 1 else None
-            ),
-            trainable=stats.trainable,
-            wall_seconds_mean=stats.wall_seconds,
-            seeds=" ".join(str(r["config"]["seed"]) for r in stats.results),
-            failed_seeds=" ".join(str(o.seed) for o in stats.failed),
+            seeds=" ".join(map(str, stats.seeds)),
+            failed_seeds=" ".join(str(o.seed) for o in failed),
         )
         writer.writerow({k: "" if v is None else v for k, v in record.items()})
     return buffer.getvalue()
