@@ -1,10 +1,12 @@
 """``cmmm compare``: run (or reuse) several strategies over several seeds, then one Table-2 table.
 
-Every (strategy, seed) pair is a ``RunConfig`` that differs from the base only in ``strategy``
-and ``seed``. When its ``run_dir()/results.json`` exists the run is reused, otherwise it is run
-(continued from its checkpoint if it was interrupted); a failed run is reported and the others go
-on. Aggregation over seeds is ``cmmm.summary``'s grouping; the table gives each row's mean ± the
-half-width of its 95 % confidence interval (Student t), and its AA against a reference row as a
+A comparison is an experiment (``cmmm.experiments.strategies_experiment``): one row per
+strategy, each the base configuration with that strategy, over the same seeds, planned and run
+by the experiments' runner; only its table is its own. When a run's ``run_dir()/results.json``
+exists the run is reused, otherwise it is run (continued from its checkpoint if it was
+interrupted); a failed run is reported and the others go on. Aggregation over seeds is
+``cmmm.summary``'s (the one every table uses); the table gives each row's mean ± the half-width
+of its 95 % confidence interval (Student t), and its AA against a reference row as a
 paired difference over the seeds both finished (``cmmm.significance``). With a ``zeroshot`` row
 the table also says, per task, how far each method ends above the pre-trained backbone.
 """
@@ -25,7 +27,6 @@ import numpy as np
 
 from cmmm import running
 from cmmm.checkpoints import CHECKPOINT_FILE
-from cmmm.config import resolve
 from cmmm.errors import ConfigError
 from cmmm.running import RunConfig, atomic_write_text
 from cmmm.significance import difference_cell, paired_difference, significance_footer
@@ -397,23 +398,15 @@ def compare(
     ``finished_only`` runs nothing: the table is made of the finished runs and lists the others.
     ``reference``: the row the others' AA is compared with, seed by seed (if it is a row).
     """
+    # A comparison is an experiment of one row per strategy, run by the experiments' runner;
+    # only its table is its own. Imported here: cmmm.experiments builds on this module.
+    from cmmm.experiments import collect_outcomes, strategies_experiment
+
     if not seeds:
         raise ConfigError("--seeds must be >= 1")
-    # Resolved before any run starts: a bad setting or option fails now, not hours in.
-    configs = [
-        resolve(replace(base, strategy=strategy, seed=seed)).config
-        for strategy in strategies
-        for seed in seeds
-    ]
-    outcomes = [
-        run_or_reuse(
-            config,
-            f"[{index}/{len(configs)}] {config.strategy} seed {config.seed}",
-            log,
-            run_missing=not finished_only,
-        )
-        for index, config in enumerate(configs, start=1)
-    ]
+    experiment = strategies_experiment(base, strategies, seeds)
+    by_row = collect_outcomes(experiment, log, run_missing=not finished_only)
+    outcomes = [outcome for row in experiment.rows for outcome in by_row[row.label]]
     return Comparison(
         stream=base.stream,
         outcomes=outcomes,

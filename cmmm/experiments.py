@@ -471,6 +471,39 @@ def write_tables(
     return table, markdown_path, csv_path
 
 
+def strategies_experiment(
+    base: RunConfig, strategies: Sequence[str], seeds: Sequence[int]
+) -> Experiment:
+    """The experiment ``cmmm compare`` runs: one row per strategy (labelled by its name) made of
+    ``base`` with that strategy, every row over ``seeds``."""
+    rows = [ExperimentRow(strategy, replace(base, strategy=strategy)) for strategy in strategies]
+    # No file behind it: the source only names its tables, as compare-<stream>.
+    return Experiment(
+        f"{base.stream}: continual-learning comparison",
+        list(seeds),
+        rows,
+        Path(f"compare-{base.stream}"),
+        headroom=False,
+    )
+
+
+def collect_outcomes(
+    experiment: Experiment, log: Callable[[str], None] = print, run_missing: bool = True
+) -> dict[str, list[RunOutcome]]:
+    """Run or reuse every (row, seed) in this process, one after another (``cmmm sweep`` runs
+    the same plan on Ray, ``cmmm.sweeping``): row label -> one outcome per seed.
+
+    Every run is planned (resolved) before the first starts, so a bad row fails at once.
+    ``run_missing`` False runs nothing and reports the unfinished runs as ``missing``.
+    """
+    outcomes: dict[str, list[RunOutcome]] = {row.label: [] for row in experiment.rows}
+    planned = experiment.planned_runs()
+    for index, run in enumerate(planned, start=1):
+        label = f"[{index}/{len(planned)}] {run.label} seed {run.seed}"
+        outcomes[run.label].append(run_or_reuse(run.config, label, log, run_missing=run_missing))
+    return outcomes
+
+
 def run_experiment(
     experiment: Experiment,
     out: Path,
@@ -483,11 +516,7 @@ def run_experiment(
         from cmmm.plotting import check_output
 
         check_output(figure)  # a wrong suffix fails before hours of runs, not after
-    outcomes: dict[str, list[RunOutcome]] = {row.label: [] for row in experiment.rows}
-    planned = experiment.planned_runs()
-    for index, run in enumerate(planned, start=1):
-        label = f"[{index}/{len(planned)}] {run.label} seed {run.seed}"
-        outcomes[run.label].append(run_or_reuse(run.config, label, log))
+    outcomes = collect_outcomes(experiment, log)
     table, markdown_path, _ = write_tables(experiment, outcomes, out)
     if figure is not None:
         from cmmm.plotting import save_figure

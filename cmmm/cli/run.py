@@ -10,12 +10,21 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cmmm.cli.common import (
+    BatchSizeOption,
     CacheDirOption,
     DataDirOption,
     DeviceOption,
+    EpochsOption,
     EvalPatternsOption,
+    LrOption,
     MissingModeOption,
     MissingRateOption,
+    OutOption,
+    PretrainEpochsOption,
+    TaskDataOption,
+    TaskOrderOption,
+    TextOption,
+    ThreadsOption,
     console,
     directory_overrides,
     format_metric,
@@ -37,47 +46,22 @@ def run(
     strategy: Annotated[
         str, typer.Option(help="a registered strategy (naive, joint, ...)")
     ] = "naive",
-    epochs: Annotated[
-        int | None, typer.Option(help="epochs per task [stream default: 30 real, 5 synthetic]")
-    ] = None,
-    batch_size: Annotated[int, typer.Option(help="training mini-batch size")] = 64,
-    lr: Annotated[float, typer.Option(help="Adam learning rate")] = 1e-3,
+    epochs: EpochsOption = None,
+    batch_size: BatchSizeOption = 64,
+    lr: LrOption = 1e-3,
     seed: Annotated[int, typer.Option(help="seed for pre-training, training and task data")] = 0,
-    task_order: Annotated[
-        str,
-        typer.Option(
-            help="'default', 1-based indices '1,3,2' or present-modality codes 'avt,vt,t'"
-        ),
-    ] = "default",
-    task_data: Annotated[
-        str,
-        typer.Option(
-            help="'full': every task sees the whole train split; 'disjoint': one partition per task"
-        ),
-    ] = "full",
-    pretrain_epochs: Annotated[
-        int | None, typer.Option(help="epochs of full-modality pre-training (cached)")
-    ] = None,
+    task_order: TaskOrderOption = "default",
+    task_data: TaskDataOption = "full",
+    pretrain_epochs: PretrainEpochsOption = None,
     data_dir: DataDirOption = None,
     cache_dir: CacheDirOption = None,
-    out: Annotated[
-        Path, typer.Option(help="runs are written to OUT/<stream>-<strategy>-seed<seed>-<key>/")
-    ] = Path("runs"),
+    out: OutOption = Path("runs"),
     device: DeviceOption = "auto",
-    threads: Annotated[
-        int,
-        typer.Option(
-            help="intra-op CPU threads of this run; 1 is fastest on a small shared machine "
-            "(run several runs side by side instead)"
-        ),
-    ] = 1,
+    threads: ThreadsOption = 1,
     standardize: Annotated[
         bool, typer.Option(help="z-score every feature with train-split statistics")
     ] = True,
-    text: Annotated[
-        str | None,
-        typer.Option(help="mosi only: 'utterance' vectors, or a `cmmm data encode-text` name"),
-    ] = None,
+    text: TextOption = None,
     eval_patterns: EvalPatternsOption = "",
     missing_rate: MissingRateOption = 1.0,
     missing_mode: MissingModeOption = "pattern",
