@@ -33,8 +33,10 @@ value overrides the row's and the base's. A row may carry its own grid (``[rows.
 listed in the file's grid instead of ``seeds``.
 
 ``cmmm experiment FILE`` runs (or reuses) every row for every seed one after another in this
-process, ``cmmm sweep FILE`` as Ray tasks (``cmmm.sweeping``); both write ``OUT/<file stem>.md``
-and ``.csv``.
+process (``collect_outcomes``), ``cmmm sweep FILE`` as Ray tasks (``cmmm.sweeping``); both write
+``OUT/<file stem>.md`` and ``.csv``. ``cmmm compare`` is an experiment too, built from its flags
+(``strategies_experiment``): one row per strategy, run by ``collect_outcomes``, with a table of
+its own (``cmmm.comparison``). Every row's numbers over seeds are ``cmmm.summary.SeedStatistics``.
 
 Without ``seeds`` a file runs seeds 0-4. Each row shows mean ± the half-width of its 95 %
 confidence interval over seeds (Student t) and, against a reference row (``reference = "<row

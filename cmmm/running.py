@@ -352,26 +352,18 @@ def resumable_config(run_dir: Path) -> tuple[ResolvedRun, RunCheckpoint]:
     return resolved, checkpoint
 
 
+@dataclass(frozen=True)
+class RunHooks:
+    """What a run reports as it goes: messages, each epoch's loss, each step's accuracies, and
+    the number of epochs it will train (once known)."""
+
+    log: Callable[[str], None] = print
+    on_epoch: Callable[[int, int, float], None] | None = None
+    on_step: Callable[[int, list[dict[str, float]]], None] | None = None
+    on_start: Callable[[int], None] | None = None
+
+
 def run(
-    config: RunConfig | ResolvedRun,
-    log: Callable[[str], None] = print,
-    on_epoch: Callable[[int, int, float], None] | None = None,
-    on_step: Callable[[int, list[dict[str, float]]], None] | None = None,
-    on_start: Callable[[int], None] | None = None,
-    *,
-    resume: bool = False,
-    stop_after: int | None = None,
-) -> dict[str, Any]:
-    """``run_unlocked`` holding the run directory's write lock (``cmmm.run_guard``): a second
-    process writing the same run directory gets a ``RunDirectoryBusyError`` at once."""
-    resolved = resolve(config)
-    with locked_run_directory(resolved.config.run_dir()):
-        return run_unlocked(
-            resolved, log, on_epoch, on_step, on_start, resume=resume, stop_after=stop_after
-        )
-
-
-def run_unlocked(
     config: RunConfig | ResolvedRun,
     log: Callable[[str], None] = print,
     on_epoch: Callable[[int, int, float], None] | None = None,
@@ -383,8 +375,10 @@ def run_unlocked(
 ) -> dict[str, Any]:
     """Run one configuration end to end and write ``results.json`` and TensorBoard events.
 
-    ``config``: a ``RunConfig`` (resolved here) or what ``cmmm.config.resolve`` returned, whose
-    strategy is the one trained.
+    ``config``: a ``RunConfig`` (resolved here, ``cmmm.config.resolve``) or what ``resolve``
+    returned, whose strategy is the one trained. The run holds its directory's write lock
+    (``cmmm.run_guard``): a second process writing the same run directory gets a
+    ``RunDirectoryBusyError`` at once.
 
     After every training step the run replaces ``checkpoint.pt`` in its directory
     (``cmmm.checkpoints``). ``resume``: continue from that checkpoint; the result is the one an
@@ -393,10 +387,20 @@ def run_unlocked(
     once step k (1-based) and its checkpoint are done, as a crash there would (for tests, and to
     split a long run; ignored when k is the last step or beyond).
     """
+    resolved = resolve(config)
+    hooks = RunHooks(log, on_epoch, on_step, on_start)
+    with locked_run_directory(resolved.config.run_dir()):
+        return _run_locked(resolved, hooks, resume=resume, stop_after=stop_after)
+
+
+def _run_locked(
+    resolved: ResolvedRun, hooks: RunHooks, *, resume: bool, stop_after: int | None
+) -> dict[str, Any]:
+    """``run``'s work, once it holds the run directory's lock."""
     from torch.utils.tensorboard import SummaryWriter
 
-    resolved = resolve(config)
     config, strategy = resolved.config, resolved.strategy
+    log, on_epoch, on_step, on_start = hooks.log, hooks.on_epoch, hooks.on_step, hooks.on_start
     run_dir = config.run_dir()
     checkpoint_path = run_dir / CHECKPOINT_FILE
     checkpoint = read_checkpoint(checkpoint_path, log) if resume else None
