@@ -603,10 +603,11 @@ def compare_orders(
         for comparison in comparisons:
             [row] = [r for r in comparison.rows if r.strategy == strategy]
             failed += len(row.failed_seeds)
-            if row.aggregate is not None:
-                aa.append(statistics.mean(row.aggregate.aa))
-                if (row_fm := row.aggregate.mean("fm")) is not None:
-                    fm.append(row_fm)
+            # Per order the mean over its seeds, as every table aggregates a row.
+            if row.aggregate is not None and (row_aa := row.aggregate.mean("aa")) is not None:
+                aa.append(row_aa)
+            if row.aggregate is not None and (row_fm := row.aggregate.mean("fm")) is not None:
+                fm.append(row_fm)
         rows.append(OrderRow(strategy, aa, fm, failed))
     codes = list(task_codes) if task_codes is not None else None
     return OrderComparison(base.stream, list(orders), list(seeds), comparisons, rows, codes)
