@@ -12,8 +12,7 @@ attribute per key of the file; ``to_json()`` gives the file's content).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import asdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,24 +34,10 @@ def run(
     it. ``log=None`` silences the progress messages. ``resume=True`` continues an interrupted run
     of this configuration from its last checkpoint (``cmmm run --resume``).
     """
-    from cmmm.config_files import read_config_file
-    from cmmm.running import RunConfig
+    from cmmm.config import resolve
     from cmmm.running import run as run_config
 
-    if config is None:
-        values: dict[str, Any] = {}
-    elif isinstance(config, RunConfig):
-        values = asdict(config)
-    elif isinstance(config, Mapping):
-        values = dict(config)
-    elif isinstance(config, str | Path):
-        values = read_config_file(config)
-    else:
-        raise TypeError(
-            f"config must be a RunConfig, a mapping or a path, got {type(config).__name__}"
-        )
-    values.update(settings)
-    resolved = RunConfig.from_mapping(values, "cmmm.run").resolved()
+    resolved = resolve(config, where="cmmm.run", **settings)
     written = run_config(resolved, log=log or (lambda _message: None), resume=resume)
     return load_results(Path(written["run_dir"]))
 

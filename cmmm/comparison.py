@@ -1,10 +1,12 @@
 """``cmmm compare``: run (or reuse) several strategies over several seeds, then one Table-2 table.
 
-Every (strategy, seed) pair is a ``RunConfig`` that differs from the base only in ``strategy``
-and ``seed``. When its ``run_dir()/results.json`` exists the run is reused, otherwise it is run
-(continued from its checkpoint if it was interrupted); a failed run is reported and the others go
-on. Aggregation over seeds is ``cmmm.summary``'s grouping; the table gives each row's mean ± the
-half-width of its 95 % confidence interval (Student t), and its AA against a reference row as a
+A comparison is an experiment (``cmmm.experiments.strategies_experiment``): one row per
+strategy, each the base configuration with that strategy, over the same seeds, planned and run
+by the experiments' runner; only its table is its own. When a run's ``run_dir()/results.json``
+exists the run is reused, otherwise it is run (continued from its checkpoint if it was
+interrupted); a failed run is reported and the others go on. Aggregation over seeds is
+``cmmm.summary``'s (the one every table uses); the table gives each row's mean ± the half-width
+of its 95 % confidence interval (Student t), and its AA against a reference row as a
 paired difference over the seeds both finished (``cmmm.significance``). With a ``zeroshot`` row
 the table also says, per task, how far each method ends above the pre-trained backbone.
 """
@@ -27,13 +29,8 @@ from cmmm.checkpoints import CHECKPOINT_FILE
 from cmmm.errors import ConfigError, DataError
 from cmmm.results import Results
 from cmmm.running import RunConfig, atomic_write_text
-from cmmm.significance import (
-    difference_cell,
-    half_width,
-    interval_cell,
-    paired_difference,
-)
-from cmmm.summary import Aggregate, aggregate, mean_spread
+from cmmm.significance import difference_cell, paired_difference, significance_footer
+from cmmm.summary import Aggregate, aggregate, mean_spread, paired_differences
 
 # The rows every comparison shows unless told not to: what training adds over the pre-trained
 # backbone (zeroshot) and what training on all tasks at once reaches (joint).
@@ -65,14 +62,6 @@ class ComparisonRow:
     failed_seeds: list[int] = field(default_factory=list)
     missing_seeds: list[int] = field(default_factory=list)
 
-    @staticmethod
-    def _mean(values: list[float]) -> float | None:
-        return statistics.mean(values) if values else None
-
-    @staticmethod
-    def _spread(values: list[float]) -> float | None:
-        return statistics.stdev(values) if len(values) > 1 else None
-
     def markdown_cells(
         self, held_out: bool = False, difference: str | None = None, valid: bool = False
     ) -> list[str]:
@@ -89,26 +78,19 @@ class ComparisonRow:
             extra += [state] if held_out else []
             extra += [] if difference is None else ["n/a"]
             return [self.strategy, buffer, state, state, *extra, "-", "-", f"0{failed}"]
-        extra = [interval_cell(agg.valid_aa)] if valid else []
-        extra += [interval_cell(agg.held_out_aa)] if held_out else []
+        extra = [agg.cell("valid_aa")] if valid else []
+        extra += [agg.cell("held_out_aa")] if held_out else []
         extra += [] if difference is None else [difference]
         return [
             self.strategy,
             buffer,
-            interval_cell(agg.aa),
-            interval_cell(agg.fm),
+            agg.cell("aa"),
+            agg.cell("fm"),
             *extra,
             f"{agg.trainable:,}",
-            f"{statistics.mean(agg.wall_seconds):.1f}",
+            f"{agg.wall_mean:.1f}",
             f"{len(agg.seeds)}{failed}",
         ]
-
-    def aa_by_seed(self) -> dict[int, float]:
-        """Each finished seed's AA (what pairs with another row's)."""
-        agg = self.aggregate
-        if agg is None or len(agg.aa) != len(agg.seeds):
-            return {}
-        return dict(zip(agg.seeds, agg.aa, strict=True))
 
     def csv_record(self) -> dict[str, Any]:
         record: dict[str, Any] = {
@@ -119,21 +101,7 @@ class ComparisonRow:
         }
         agg = self.aggregate
         if agg is not None:
-            record.update(
-                aa_mean=self._mean(agg.aa),
-                aa_std=self._spread(agg.aa),
-                aa_ci95=half_width(agg.aa),
-                fm_mean=self._mean(agg.fm),
-                fm_std=self._spread(agg.fm),
-                fm_ci95=half_width(agg.fm),
-                valid_aa_mean=self._mean(agg.valid_aa),
-                valid_aa_ci95=half_width(agg.valid_aa),
-                held_out_aa_mean=self._mean(agg.held_out_aa),
-                held_out_aa_std=self._spread(agg.held_out_aa),
-                trainable=agg.trainable,
-                wall_seconds_mean=statistics.mean(agg.wall_seconds),
-                seeds=" ".join(map(str, agg.seeds)),
-            )
+            record.update(agg.csv_values(), seeds=" ".join(map(str, agg.seeds)))
         return {name: "" if record.get(name) is None else record[name] for name in CSV_FIELDS}
 
 
@@ -174,21 +142,11 @@ class Comparison:
     # The row every other row's AA is compared with, seed by seed (None: no such column).
     reference: str | None = DEFAULT_REFERENCE
 
-    def reference_row(self) -> ComparisonRow | None:
-        found = [row for row in self.rows if row.strategy == self.reference]
-        return found[0] if found and found[0].aggregate is not None else None
-
     def differences(self) -> dict[str, Any]:
         """strategy -> its paired AA difference to the reference (None where undefined)."""
-        reference = self.reference_row()
-        if reference is None:
-            return {}
-        return {
-            row.strategy: None
-            if row is reference
-            else paired_difference(row.aa_by_seed(), reference.aa_by_seed())
-            for row in self.rows
-        }
+        return paired_differences(
+            {row.strategy: row.aggregate for row in self.rows}, self.reference
+        )
 
     def markdown(self) -> str:
         seeds = sorted({o.seed for o in self.outcomes})
@@ -235,7 +193,7 @@ class Comparison:
             cells = row.markdown_cells(held_out, difference, valid)
             lines.append("| " + " | ".join(cells) + " |")
         if differences:
-            lines += ["", self.significance_footer(differences)]
+            lines += ["", significance_footer(differences, self.reference or "")]
         elif self.reference is not None:
             lines += [
                 "",
@@ -262,22 +220,6 @@ class Comparison:
                 "runs them): " + ", ".join(f"{o.strategy} seed {o.seed}" for o in missing) + ".",
             ]
         return "\n".join(lines) + "\n"
-
-    def significance_footer(self, differences: dict[str, Any]) -> str:
-        compared = [d for name, d in differences.items() if name != self.reference]
-        decided = [d for d in compared if d is not None and d[0].half_width is not None]
-        significant = [d for d in decided if d[0].excludes_zero]
-        return (
-            f"AA − {self.reference}: mean ± 95 % interval of the per-seed differences over the "
-            "seeds both finished (paired Student t); * marks an interval that excludes 0. "
-            f"**{len(significant)} of {len(compared)} rows differ significantly from "
-            f"{self.reference}**"
-            + (
-                f" ({len(compared) - len(decided)} with fewer than 2 paired seeds)."
-                if len(decided) < len(compared)
-                else "."
-            )
-        )
 
     def above_zeroshot(self) -> tuple[list[str], dict[str, dict[str, Any]]]:
         """Task codes, and per strategy and code: the paired final-accuracy difference to the
@@ -449,22 +391,15 @@ def compare(
     ``finished_only`` runs nothing: the table is made of the finished runs and lists the others.
     ``reference``: the row the others' AA is compared with, seed by seed (if it is a row).
     """
+    # A comparison is an experiment of one row per strategy, run by the experiments' runner;
+    # only its table is its own. Imported here: cmmm.experiments builds on this module.
+    from cmmm.experiments import collect_outcomes, strategies_experiment
+
     if not seeds:
         raise ConfigError("--seeds must be >= 1")
-    configs = [
-        replace(base, strategy=strategy, seed=seed).resolved()
-        for strategy in strategies
-        for seed in seeds
-    ]
-    outcomes = [
-        run_or_reuse(
-            config,
-            f"[{index}/{len(configs)}] {config.strategy} seed {config.seed}",
-            log,
-            run_missing=not finished_only,
-        )
-        for index, config in enumerate(configs, start=1)
-    ]
+    experiment = strategies_experiment(base, strategies, seeds)
+    by_row = collect_outcomes(experiment, log, run_missing=not finished_only)
+    outcomes = [outcome for row in experiment.rows for outcome in by_row[row.label]]
     return Comparison(
         stream=base.stream,
         outcomes=outcomes,
@@ -619,10 +554,12 @@ class OrderComparison:
                 agg = row.aggregate
                 if agg is None:
                     continue
-                fm = statistics.mean(agg.fm) if agg.fm else ""
+                fm = agg.mean("fm")
                 order = comparison.task_order or ""
                 seeds = " ".join(map(str, agg.seeds))
-                writer.writerow([row.strategy, order, statistics.mean(agg.aa), fm, seeds])
+                writer.writerow(
+                    [row.strategy, order, agg.mean("aa"), "" if fm is None else fm, seeds]
+                )
         return buffer.getvalue()
 
     def write(self, out: Path) -> tuple[Path, Path]:
@@ -660,10 +597,11 @@ def compare_orders(
         for comparison in comparisons:
             [row] = [r for r in comparison.rows if r.strategy == strategy]
             failed += len(row.failed_seeds)
-            if row.aggregate is not None:
-                aa.append(statistics.mean(row.aggregate.aa))
-                if row.aggregate.fm:
-                    fm.append(statistics.mean(row.aggregate.fm))
+            # Per order the mean over its seeds, as every table aggregates a row.
+            if row.aggregate is not None and (row_aa := row.aggregate.mean("aa")) is not None:
+                aa.append(row_aa)
+            if row.aggregate is not None and (row_fm := row.aggregate.mean("fm")) is not None:
+                fm.append(row_fm)
         rows.append(OrderRow(strategy, aa, fm, failed))
     codes = list(task_codes) if task_codes is not None else None
     return OrderComparison(base.stream, list(orders), list(seeds), comparisons, rows, codes)

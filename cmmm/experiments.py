@@ -33,8 +33,10 @@ value overrides the row's and the base's. A row may carry its own grid (``[rows.
 listed in the file's grid instead of ``seeds``.
 
 ``cmmm experiment FILE`` runs (or reuses) every row for every seed one after another in this
-process, ``cmmm sweep FILE`` as Ray tasks (``cmmm.sweeping``); both write ``OUT/<file stem>.md``
-and ``.csv``.
+process (``collect_outcomes``), ``cmmm sweep FILE`` as Ray tasks (``cmmm.sweeping``); both write
+``OUT/<file stem>.md`` and ``.csv``. ``cmmm compare`` is an experiment too, built from its flags
+(``strategies_experiment``): one row per strategy, run by ``collect_outcomes``, with a table of
+its own (``cmmm.comparison``). Every row's numbers over seeds are ``cmmm.summary.SeedStatistics``.
 
 Without ``seeds`` a file runs seeds 0-4. Each row shows mean ± the half-width of its 95 %
 confidence interval over seeds (Student t) and, against a reference row (``reference = "<row
@@ -50,7 +52,6 @@ import csv
 import io
 import itertools
 import json
-import statistics
 import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -58,15 +59,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cmmm.comparison import HEADROOM_STRATEGIES, RunOutcome, run_or_reuse
+from cmmm.config import complete, resolve
 from cmmm.errors import ConfigError
-from cmmm.results import Results
 from cmmm.running import RunConfig, atomic_write_text
-from cmmm.significance import (
-    difference_cell,
-    half_width,
-    interval_cell,
-    paired_difference,
-)
+from cmmm.significance import difference_cell, significance_footer
+from cmmm.summary import SeedStatistics, paired_differences
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -125,12 +122,17 @@ class Experiment:
         return next((row.label for row in self.rows if row.config.strategy == "naive"), None)
 
     def planned_runs(self) -> list[PlannedRun]:
-        """Every (row, seed), in table order, resolved (stream defaults filled in)."""
-        return [
-            PlannedRun(row.label, seed, replace(row.config, seed=seed).resolved())
-            for row in self.rows
-            for seed in self.seeds
-        ]
+        """Every (row, seed), in table order, resolved (stream defaults filled in, the strategy
+        and its options checked): a bad row fails before any run starts."""
+        planned = []
+        for row in self.rows:
+            for seed in self.seeds:
+                try:
+                    resolved = resolve(replace(row.config, seed=seed))
+                except ConfigError as error:
+                    raise ConfigError(f"row {row.label!r}: {error}") from None
+                planned.append(PlannedRun(row.label, seed, resolved.config))
+        return planned
 
 
 def _grid_dimensions(grid: Any, where: str) -> list[GridDimension]:
@@ -287,65 +289,16 @@ def with_headroom_rows(experiment: Experiment, base_overrides: dict[str, Any]) -
     return replace(experiment, rows=[*experiment.rows, *added])
 
 
-@dataclass(frozen=True)
-class RowStatistics:
-    """One row's finished runs over seeds, as both tables show them."""
-
-    results: list[Results]
-    failed: list[RunOutcome]
-
-    @property
-    def aa(self) -> list[float]:
-        return [r.aa for r in self.results if r.aa is not None]
-
-    @property
-    def fm(self) -> list[float]:
-        return [r.fm for r in self.results if r.fm is not None]
-
-    def aa_by_seed(self) -> dict[int, float]:
-        return {r.seed: r.aa for r in self.results if r.aa is not None}
-
-    @property
-    def held_out_aa(self) -> list[float]:
-        """AA on the held-out patterns (``eval_patterns``) of the seeds that have them."""
-        return [r.held_out.aa for r in self.results if r.held_out and r.held_out.aa is not None]
-
-    @property
-    def valid_aa(self) -> list[float]:
-        """AA on the tasks' validation splits of the seeds that recorded it."""
-        return [r.valid.aa for r in self.results if r.valid and r.valid.aa is not None]
-
-    def held_out_per_case(self) -> str:
-        """Final accuracy on each held-out pattern, mean over seeds, e.g. "a 55.0, t 71.2"."""
-        by_code: dict[str, list[float]] = {}
-        for r in self.results:
-            if r.held_out is None:
-                continue
-            finals = r.held_out.per_task_final
-            for task, final in zip(r.held_out.tasks, finals, strict=True):
-                by_code.setdefault(task.code, []).append(final["acc"])
-        return ", ".join(f"{code} {statistics.mean(v):.1f}" for code, v in by_code.items())
-
-    @property
-    def trainable(self) -> int | None:
-        return self.results[0].parameters.trainable if self.results else None
-
-    @property
-    def wall_seconds(self) -> float | None:
-        walls = [r.wall_time_seconds for r in self.results]
-        return statistics.mean(walls) if walls else None
-
-    @property
-    def seeds(self) -> str:
-        failed = f" ({len(self.failed)} failed)" if self.failed else ""
-        return f"{len(self.results)}{failed}"
+def _statistics(outcomes: list[RunOutcome]) -> SeedStatistics:
+    return SeedStatistics.of([o.result for o in outcomes if o.result is not None])
 
 
-def _statistics(outcomes: list[RunOutcome]) -> RowStatistics:
-    return RowStatistics(
-        results=[o.result for o in outcomes if o.result is not None],
-        failed=[o for o in outcomes if o.status == "failed"],
-    )
+def _failed(outcomes: list[RunOutcome]) -> list[RunOutcome]:
+    return [o for o in outcomes if o.status == "failed"]
+
+
+def _seeds_cell(stats: SeedStatistics, failed: list[RunOutcome]) -> str:
+    return f"{len(stats.seeds)}" + (f" ({len(failed)} failed)" if failed else "")
 
 
 def markdown_table(
@@ -367,7 +320,7 @@ def markdown_table(
         header.insert(header.index("trainable"), f"AA − {reference} (paired)")
     if has_paper:
         header.append("paper AA / FM")
-    resolved = [row.config.resolved() for row in experiment.rows]
+    resolved = [complete(row.config) for row in experiment.rows]
     streams = {config.stream for config in resolved}
     epochs = {config.epochs for config in resolved}
     # A grid may vary the stream or the epochs; then each row's label says which.
@@ -384,42 +337,29 @@ def markdown_table(
     ]
     failures: list[str] = []
     for row in experiment.rows:
-        stats = _statistics(outcomes[row.label])
-        wall = stats.wall_seconds
+        stats, failed = _statistics(outcomes[row.label]), _failed(outcomes[row.label])
+        wall = stats.wall_mean
         difference = []
         if differences:
             found = differences.get(row.label)
             difference = ["reference" if row.label == reference else difference_cell(found)]
         cells = [
             row.label,
-            interval_cell(stats.aa),
-            interval_cell(stats.fm),
-            *([interval_cell(stats.valid_aa)] if valid else []),
-            *([interval_cell(stats.held_out_aa), stats.held_out_per_case()] if held_out else []),
+            stats.cell("aa"),
+            stats.cell("fm"),
+            *([stats.cell("valid_aa")] if valid else []),
+            *([stats.cell("held_out_aa"), stats.held_out_per_case()] if held_out else []),
             *difference,
             "-" if stats.trainable is None else f"{stats.trainable:,}",
             "-" if wall is None else f"{wall:.0f}",
-            stats.seeds,
+            _seeds_cell(stats, failed),
         ]
         if has_paper:
             cells.append(row.paper or "")
         lines.append("| " + " | ".join(cells) + " |")
-        failures += [f"- {row.label} seed {o.seed}: {o.error}" for o in stats.failed]
+        failures += [f"- {row.label} seed {o.seed}: {o.error}" for o in failed]
     if differences:
-        compared = [d for label, d in differences.items() if label != reference]
-        decided = [d for d in compared if d is not None and d[0].half_width is not None]
-        significant = sum(d[0].excludes_zero for d in decided)
-        lines += [
-            "",
-            f"AA − {reference}: mean ± 95 % interval of the per-seed differences over the seeds "
-            "both finished (paired Student t); * marks an interval that excludes 0. "
-            f"**{significant} of {len(compared)} rows differ significantly from {reference}**"
-            + (
-                f" ({len(compared) - len(decided)} with fewer than 2 paired seeds)."
-                if len(decided) < len(compared)
-                else "."
-            ),
-        ]
+        lines += ["", significance_footer(differences, reference or "")]
     chosen = chosen_on_validation(experiment, outcomes)
     if chosen is not None:
         lines += [
@@ -439,7 +379,7 @@ def chosen_on_validation(
     """The row a user should pick: the highest mean validation AA, headroom rows aside; None
     when no row recorded validation AA."""
     candidates = {
-        row.label: statistics.mean(stats.valid_aa)
+        row.label: stats.mean("valid_aa")
         for row in experiment.rows
         if row.config.strategy not in HEADROOM_STRATEGIES
         and (stats := _statistics(outcomes[row.label])).valid_aa
@@ -452,18 +392,8 @@ def row_differences(
 ) -> dict[str, Any]:
     """Row label -> paired AA difference to the reference row (None for the reference itself
     or without pairs); empty when there is no reference row with finished runs."""
-    reference = experiment.reference_label()
-    if reference is None:
-        return {}
-    by_seed = _statistics(outcomes[reference]).aa_by_seed()
-    if not by_seed:
-        return {}
-    return {
-        row.label: None
-        if row.label == reference
-        else paired_difference(_statistics(outcomes[row.label]).aa_by_seed(), by_seed)
-        for row in experiment.rows
-    }
+    rows = {row.label: _statistics(outcomes[row.label]) for row in experiment.rows}
+    return paired_differences(rows, experiment.reference_label())
 
 
 def experiment_figure(experiment: Experiment, outcomes: dict[str, list[RunOutcome]]) -> Figure:
@@ -511,7 +441,7 @@ def csv_table(experiment: Experiment, outcomes: dict[str, list[RunOutcome]]) -> 
     writer.writeheader()
     differences = row_differences(experiment, outcomes)
     for row in experiment.rows:
-        stats = _statistics(outcomes[row.label])
+        stats, failed = _statistics(outcomes[row.label]), _failed(outcomes[row.label])
         record: dict[str, Any] = {"configuration": row.label}
         found = differences.get(row.label)
         if found is not None:
@@ -521,21 +451,11 @@ def csv_table(experiment: Experiment, outcomes: dict[str, list[RunOutcome]]) -> 
                 aa_diff_significant=found[0].excludes_zero,
             )
         record.update({name: _csv_value(value) for name, value in row.grid_point.items()})
+        values = stats.csv_values()
+        record.update({name: values[name] for name in CSV_METRICS if name in values})
         record.update(
-            aa_mean=statistics.mean(stats.aa) if stats.aa else None,
-            aa_std=statistics.stdev(stats.aa) if len(stats.aa) > 1 else None,
-            aa_ci95=half_width(stats.aa),
-            fm_ci95=half_width(stats.fm),
-            fm_mean=statistics.mean(stats.fm) if stats.fm else None,
-            fm_std=statistics.stdev(stats.fm) if len(stats.fm) > 1 else None,
-            held_out_aa_mean=statistics.mean(stats.held_out_aa) if stats.held_out_aa else None,
-            held_out_aa_std=(
-                statistics.stdev(stats.held_out_aa) if len(stats.held_out_aa) > 1 else None
-            ),
-            trainable=stats.trainable,
-            wall_seconds_mean=stats.wall_seconds,
-            seeds=" ".join(str(r.seed) for r in stats.results),
-            failed_seeds=" ".join(str(o.seed) for o in stats.failed),
+            seeds=" ".join(map(str, stats.seeds)),
+            failed_seeds=" ".join(str(o.seed) for o in failed),
         )
         writer.writerow({k: "" if v is None else v for k, v in record.items()})
     return buffer.getvalue()
@@ -560,6 +480,39 @@ def write_tables(
     return table, markdown_path, csv_path
 
 
+def strategies_experiment(
+    base: RunConfig, strategies: Sequence[str], seeds: Sequence[int]
+) -> Experiment:
+    """The experiment ``cmmm compare`` runs: one row per strategy (labelled by its name) made of
+    ``base`` with that strategy, every row over ``seeds``."""
+    rows = [ExperimentRow(strategy, replace(base, strategy=strategy)) for strategy in strategies]
+    # No file behind it: the source only names its tables, as compare-<stream>.
+    return Experiment(
+        f"{base.stream}: continual-learning comparison",
+        list(seeds),
+        rows,
+        Path(f"compare-{base.stream}"),
+        headroom=False,
+    )
+
+
+def collect_outcomes(
+    experiment: Experiment, log: Callable[[str], None] = print, run_missing: bool = True
+) -> dict[str, list[RunOutcome]]:
+    """Run or reuse every (row, seed) in this process, one after another (``cmmm sweep`` runs
+    the same plan on Ray, ``cmmm.sweeping``): row label -> one outcome per seed.
+
+    Every run is planned (resolved) before the first starts, so a bad row fails at once.
+    ``run_missing`` False runs nothing and reports the unfinished runs as ``missing``.
+    """
+    outcomes: dict[str, list[RunOutcome]] = {row.label: [] for row in experiment.rows}
+    planned = experiment.planned_runs()
+    for index, run in enumerate(planned, start=1):
+        label = f"[{index}/{len(planned)}] {run.label} seed {run.seed}"
+        outcomes[run.label].append(run_or_reuse(run.config, label, log, run_missing=run_missing))
+    return outcomes
+
+
 def run_experiment(
     experiment: Experiment,
     out: Path,
@@ -572,11 +525,7 @@ def run_experiment(
         from cmmm.plotting import check_output
 
         check_output(figure)  # a wrong suffix fails before hours of runs, not after
-    outcomes: dict[str, list[RunOutcome]] = {row.label: [] for row in experiment.rows}
-    planned = experiment.planned_runs()
-    for index, run in enumerate(planned, start=1):
-        label = f"[{index}/{len(planned)}] {run.label} seed {run.seed}"
-        outcomes[run.label].append(run_or_reuse(run.config, label, log))
+    outcomes = collect_outcomes(experiment, log)
     table, markdown_path, _ = write_tables(experiment, outcomes, out)
     if figure is not None:
         from cmmm.plotting import save_figure

@@ -25,6 +25,7 @@ from rich.table import Table
 
 from cmmm.backbone import MulT
 from cmmm.comparison import RunOutcome, Status, run_or_reuse
+from cmmm.config import complete
 from cmmm.errors import ConfigError
 from cmmm.pretraining import backbone_config_for
 from cmmm.running import PreparedRun, RunConfig, atomic_write_text, load_stream, resolve_device
@@ -130,10 +131,10 @@ def task_specific_parameters(config: RunConfig) -> int | None:
     the run was made now or reused. A randomly initialised backbone has the shape of the
     pre-trained one, so no pre-training is needed to count.
     """
-    from cmmm.strategy import STRATEGIES
+    from cmmm.config import resolve
 
-    config = config.resolved()
-    strategy = STRATEGIES.get(config.strategy).factory(**config.strategy_options)
+    resolved = resolve(config)
+    config, strategy = resolved.config, resolved.strategy
     stream = load_stream(config, log=lambda _: None)
     backbone = MulT(stream.layout, backbone_config_for(stream.dataset, **config.backbone_options))
     prepared = PreparedRun(stream, backbone, {}, resolve_device("cpu"))
@@ -328,7 +329,7 @@ def benchmark_modalities(
     for name, value in (("--n-train", n_train), ("--n-test", n_test)):
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
-    base = replace(base, stream=STREAM).resolved()
+    base = complete(replace(base, stream=STREAM))
     planned = [
         (
             m,

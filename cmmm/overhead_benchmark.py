@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from rich.table import Table
 
+from cmmm.config import complete
 from cmmm.errors import ConfigError
 from cmmm.optimizers import adam
 from cmmm.plain_training import train_epoch
@@ -101,7 +102,7 @@ def measure_overhead(
     alternated over ``rounds`` rounds."""
     if not 1 <= rounds <= 100:
         raise ConfigError(f"--rounds must be between 1 and 100, got {rounds}")
-    config = config.resolved()
+    config = complete(config)
     epochs, batch_size, seed = config.epochs or 1, config.batch_size, config.seed
     prepared = prepare(config, log)
     missing_stream, backbone, device = prepared.stream, prepared.backbone, prepared.device

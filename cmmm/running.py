@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import platform
 import random
 import subprocess
@@ -38,6 +37,7 @@ from cmmm.checkpoints import (
     rewind_event_files,
     write_checkpoint,
 )
+from cmmm.config import ResolvedRun, complete, default_cache_dir, default_data_dir, resolve
 from cmmm.config_checks import check_run_settings
 from cmmm.data.catalog import STREAMS, StreamRequest
 from cmmm.data.missing_stream import (
@@ -106,11 +106,11 @@ class RunConfig:
     task_order: str = "default"
     task_data: str = "full"
     pretrain_epochs: int | None = None
-    data_dir: str = field(default_factory=lambda: os.environ.get("CMMM_DATA_DIR", "data"))
+    data_dir: str = field(default_factory=default_data_dir)
     out: str = "runs"
     # Built datasets and pre-trained backbones; never inside the data directory, which may be
     # shared and read-only.
-    cache_dir: str = field(default_factory=lambda: os.environ.get("CMMM_CACHE_DIR", ".cache"))
+    cache_dir: str = field(default_factory=default_cache_dir)
     device: str = "auto"
     # Intra-op threads of this run. One by default: on a small shared machine two threads made
     # a step of these tiny matrices up to 80x slower; run two runs side by side instead.
@@ -145,16 +145,10 @@ class RunConfig:
         return config
 
     def resolved(self) -> RunConfig:
-        """A copy with every unset value filled from the stream's defaults (then the paper's),
-        and the new defaults of the strategy's changed options under the options given (see
-        ``changed_options``)."""
-        defaults = {**PAPER_DEFAULTS, **STREAMS.get(self.stream).defaults}
-        filled = {
-            k: defaults[k] if v is None and k in defaults else v for k, v in asdict(self).items()
-        }
-        new_defaults = {name: new for name, (_, new) in changed_options(self.strategy).items()}
-        filled["strategy_options"] = {**new_defaults, **self.strategy_options}
-        return RunConfig(**filled).validate()
+        """A copy with every unset value filled from the stream's defaults (then the paper's):
+        ``cmmm.config.complete``. Code that runs or plans runs calls ``cmmm.config.resolve``,
+        which also builds the strategy; this is the configuration half, for a quick look."""
+        return complete(self)
 
     def validate(self) -> RunConfig:
         check_run_settings(self)  # types and upper bounds first, so the checks below can compare
@@ -376,43 +370,35 @@ class RunStopped(Exception):
         self.completed_steps = completed_steps
 
 
-def resumable_config(run_dir: Path) -> tuple[RunConfig, RunCheckpoint]:
-    """The configuration of the run in ``run_dir`` (from its checkpoint, with ``out`` set to the
-    directory's parent) and the checkpoint itself."""
+def resumable_config(run_dir: Path) -> tuple[ResolvedRun, RunCheckpoint]:
+    """The resolved configuration of the run in ``run_dir`` (from its checkpoint, with ``out``
+    set to the directory's parent) and the checkpoint itself."""
     path = run_dir / CHECKPOINT_FILE
     checkpoint = read_checkpoint(path)
-    config = RunConfig.from_mapping(
-        {**checkpoint.config, "out": str(run_dir.parent)}, str(path)
-    ).resolved()
+    resolved = resolve(checkpoint.config, where=str(path), out=str(run_dir.parent))
+    config = resolved.config
     checkpoint.check_config(asdict(config), config.key(), path)
     if config.run_dir().name != run_dir.name:
         raise CheckpointError(
             f"{run_dir}: its checkpoint's configuration belongs in a directory named "
             f"{config.run_dir().name}; rename the directory back, then resume"
         )
-    return config, checkpoint
+    return resolved, checkpoint
+
+
+@dataclass(frozen=True)
+class RunHooks:
+    """What a run reports as it goes: messages, each epoch's loss, each step's accuracies, and
+    the number of epochs it will train (once known)."""
+
+    log: Callable[[str], None] = print
+    on_epoch: Callable[[int, int, float], None] | None = None
+    on_step: Callable[[int, list[dict[str, float]]], None] | None = None
+    on_start: Callable[[int], None] | None = None
 
 
 def run(
-    config: RunConfig,
-    log: Callable[[str], None] = print,
-    on_epoch: Callable[[int, int, float], None] | None = None,
-    on_step: Callable[[int, list[dict[str, float]]], None] | None = None,
-    on_start: Callable[[int], None] | None = None,
-    *,
-    resume: bool = False,
-    stop_after: int | None = None,
-) -> dict[str, Any]:
-    """``run_unlocked`` holding the run directory's write lock (``cmmm.run_guard``): a second
-    process writing the same run directory gets a ``RunDirectoryBusyError`` at once."""
-    with locked_run_directory(config.resolved().run_dir()):
-        return run_unlocked(
-            config, log, on_epoch, on_step, on_start, resume=resume, stop_after=stop_after
-        )
-
-
-def run_unlocked(
-    config: RunConfig,
+    config: RunConfig | ResolvedRun,
     log: Callable[[str], None] = print,
     on_epoch: Callable[[int, int, float], None] | None = None,
     on_step: Callable[[int, list[dict[str, float]]], None] | None = None,
@@ -423,6 +409,11 @@ def run_unlocked(
 ) -> dict[str, Any]:
     """Run one configuration end to end and write ``results.json`` and TensorBoard events.
 
+    ``config``: a ``RunConfig`` (resolved here, ``cmmm.config.resolve``) or what ``resolve``
+    returned, whose strategy is the one trained. The run holds its directory's write lock
+    (``cmmm.run_guard``): a second process writing the same run directory gets a
+    ``RunDirectoryBusyError`` at once.
+
     Returns what ``results.json`` holds, as JSON values (``Results.from_json`` types it).
 
     After every training step the run replaces ``checkpoint.pt`` in its directory
@@ -432,12 +423,20 @@ def run_unlocked(
     once step k (1-based) and its checkpoint are done, as a crash there would (for tests, and to
     split a long run; ignored when k is the last step or beyond).
     """
+    resolved = resolve(config)
+    hooks = RunHooks(log, on_epoch, on_step, on_start)
+    with locked_run_directory(resolved.config.run_dir()):
+        return _run_locked(resolved, hooks, resume=resume, stop_after=stop_after)
+
+
+def _run_locked(
+    resolved: ResolvedRun, hooks: RunHooks, *, resume: bool, stop_after: int | None
+) -> dict[str, Any]:
+    """``run``'s work, once it holds the run directory's lock."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from cmmm.strategy import STRATEGIES
-
-    config = config.resolved()
-    strategy_entry = STRATEGIES.get(config.strategy)
+    config, strategy = resolved.config, resolved.strategy
+    log, on_epoch, on_step, on_start = hooks.log, hooks.on_epoch, hooks.on_step, hooks.on_start
     run_dir = config.run_dir()
     checkpoint_path = run_dir / CHECKPOINT_FILE
     checkpoint = read_checkpoint(checkpoint_path, log) if resume else None
@@ -454,8 +453,8 @@ def run_unlocked(
     stream, backbone, device = prepared.stream, prepared.backbone, prepared.device
     dataset = stream.dataset
     total_backbone = count_parameters(backbone, trainable_only=False)
+    # Before the strategy builds its template: building draws the prompts' initial values.
     seed_everything(config.seed)
-    strategy = strategy_entry.factory(**config.strategy_options)
     run_dir.mkdir(parents=True, exist_ok=True)
     tensorboard_dir = run_dir / "tensorboard"
     if checkpoint is not None:

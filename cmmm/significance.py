@@ -140,3 +140,22 @@ def difference_cell(difference: tuple[Interval, list[int]] | None) -> str:
         return "n/a"
     interval = difference[0]
     return interval.text(signed=True) + (" *" if interval.excludes_zero else "")
+
+
+def significance_footer(
+    differences: Mapping[str, tuple[Interval, list[int]] | None], reference: str
+) -> str:
+    """The sentence under a table's paired column: how many rows differ significantly."""
+    compared = [d for name, d in differences.items() if name != reference]
+    decided = [d for d in compared if d is not None and d[0].half_width is not None]
+    significant = sum(d[0].excludes_zero for d in decided)
+    return (
+        f"AA − {reference}: mean ± 95 % interval of the per-seed differences over the seeds "
+        "both finished (paired Student t); * marks an interval that excludes 0. "
+        f"**{significant} of {len(compared)} rows differ significantly from {reference}**"
+        + (
+            f" ({len(compared) - len(decided)} with fewer than 2 paired seeds)."
+            if len(decided) < len(compared)
+            else "."
+        )
+    )

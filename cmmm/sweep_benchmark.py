@@ -20,6 +20,7 @@ import torch
 from rich.table import Table
 
 from cmmm import running
+from cmmm.config import resolve
 from cmmm.errors import ConfigError
 from cmmm.experiments import Experiment, ExperimentRow
 from cmmm.running import RunConfig
@@ -101,7 +102,7 @@ def measure_sweep_throughput(
         raise ConfigError(f"--workers must list positive worker counts, got {list(worker_counts)}")
     if import_ray().is_initialized():
         raise ConfigError("the sweep benchmark starts its own Ray; this process already has one")
-    configs = [replace(base, seed=seed).resolved() for seed in range(runs)]
+    configs = [resolve(replace(base, seed=seed)).config for seed in range(runs)]
 
     log(f"building the {runs} pre-trained backbones first (not timed)")
     for config in configs:

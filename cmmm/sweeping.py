@@ -252,19 +252,9 @@ class SweepPlan:
         return list(unique.values())
 
 
-def check_strategies(experiment: Experiment) -> None:
-    """Fail on an unknown strategy or option now, not in a worker after Ray has started."""
-    from cmmm.strategy import STRATEGIES
-
-    for row in experiment.rows:
-        try:
-            STRATEGIES.get(row.config.strategy).factory(**row.config.strategy_options)
-        except TypeError as error:  # a strategy's __init__ without **options
-            raise ConfigError(f"row {row.label!r}: {error}") from None
-
-
 def plan_sweep(experiment: Experiment) -> SweepPlan:
-    check_strategies(experiment)
+    # Planning resolves every run: an unknown strategy or option fails now, not in a worker
+    # after Ray has started.
     runs = [
         replace(run, config=_with_absolute_paths(run.config)) for run in experiment.planned_runs()
     ]

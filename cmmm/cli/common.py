@@ -56,6 +56,64 @@ CacheDirOption = Annotated[
 # Where a run computes, shared by every command that trains.
 DeviceOption = Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda[:N]")]
 
+# Run settings shared by `run` and `compare` (and, for --epochs and --out, `experiment` and
+# `sweep`): one declaration each, so that a flag means the same in every command.
+EpochsOption = Annotated[
+    int | None,
+    typer.Option(help="epochs per task, for every run [stream default: 30 real, 5 synthetic]"),
+]
+PretrainEpochsOption = Annotated[
+    int | None, typer.Option(help="epochs of full-modality pre-training (cached)")
+]
+BatchSizeOption = Annotated[int, typer.Option(help="training mini-batch size")]
+LrOption = Annotated[float, typer.Option(help="Adam learning rate")]
+TaskOrderOption = Annotated[
+    str,
+    typer.Option(help="'default', 1-based indices '1,3,2' or present-modality codes 'avt,vt,t'"),
+]
+TaskDataOption = Annotated[
+    str,
+    typer.Option(
+        help="'full': every task sees the whole train split; 'disjoint': one partition per task"
+    ),
+]
+TextOption = Annotated[
+    str | None,
+    typer.Option(help="mosi only: 'utterance' vectors, or a `cmmm data encode-text` name"),
+]
+OutOption = Annotated[
+    Path,
+    typer.Option(
+        help="runs are written to OUT/<stream>-<strategy>-seed<seed>-<key>/, tables to OUT/"
+    ),
+]
+ThreadsOption = Annotated[
+    int,
+    typer.Option(
+        help="intra-op CPU threads of this run; 1 is fastest on a small shared machine "
+        "(run several runs side by side instead)"
+    ),
+]
+
+# The options of the commands of many runs: `compare`, `experiment` and `sweep`.
+SeedsOption = Annotated[
+    str | None, typer.Option(help="comma-separated seeds, replacing the file's")
+]
+ReferenceOption = Annotated[
+    str | None,
+    typer.Option(
+        help="the row every other row's AA is compared with, seed by seed [default: naive; for "
+        "an experiment file its reference, else the first row whose strategy is naive]"
+    ),
+]
+HeadroomOption = Annotated[
+    bool,
+    typer.Option(
+        help="add the zeroshot and joint rows (made from the base settings; to a --strategies "
+        "list also the reference)"
+    ),
+]
+
 # Missing-case settings shared by `run` and `compare`.
 EvalPatternsOption = Annotated[
     str,
@@ -145,12 +203,21 @@ def given_on_command_line(ctx: typer.Context, name: str) -> bool:
     return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
 
 
+def directory_overrides(data_dir: Path | None, cache_dir: Path | None) -> dict[str, Any]:
+    """--data-dir/--cache-dir as ``RunConfig`` settings, when given; the settings left out
+    take the environment's defaults (``cmmm.config.default_data_dir``)."""
+    overrides: dict[str, Any] = {}
+    if data_dir is not None:
+        overrides["data_dir"] = str(data_dir)
+    if cache_dir is not None:
+        overrides["cache_dir"] = str(cache_dir)
+    return overrides
+
+
 def with_directories(config: Any, data_dir: Path | None, cache_dir: Path | None) -> Any:
     """Apply --data-dir/--cache-dir when given (else the RunConfig's environment defaults)."""
-    if data_dir is not None:
-        config.data_dir = str(data_dir)
-    if cache_dir is not None:
-        config.cache_dir = str(cache_dir)
+    for name, value in directory_overrides(data_dir, cache_dir).items():
+        setattr(config, name, value)
     return config
 
 

@@ -10,16 +10,27 @@ from typing import Annotated, Any
 import typer
 
 from cmmm.cli.common import (
+    BatchSizeOption,
     CacheDirOption,
     DataDirOption,
     DeviceOption,
+    EpochsOption,
     EvalPatternsOption,
+    HeadroomOption,
+    LrOption,
     MissingModeOption,
     MissingRateOption,
+    OutOption,
+    PretrainEpochsOption,
+    ReferenceOption,
+    SeedsOption,
+    TaskDataOption,
+    TaskOrderOption,
+    TextOption,
     console,
+    directory_overrides,
     reports_errors,
     text_stream_options,
-    with_directories,
 )
 from cmmm.errors import ConfigError
 
@@ -51,39 +62,21 @@ def compare(
     seeds: Annotated[
         int, typer.Option(help="seeds 0..N-1, the same for every strategy (runs pair by seed)")
     ] = 5,
-    reference: Annotated[
-        str,
-        typer.Option(help="the row every other row's AA is compared with, seed by seed"),
-    ] = "naive",
-    headroom: Annotated[
-        bool,
-        typer.Option(
-            help="add the zeroshot and joint rows (and the reference) to a --strategies list"
-        ),
-    ] = True,
-    epochs: Annotated[
-        int | None, typer.Option(help="epochs per task [stream default: 30 real, 5 synthetic]")
-    ] = None,
-    pretrain_epochs: Annotated[
-        int | None, typer.Option(help="epochs of full-modality pre-training (cached)")
-    ] = None,
-    batch_size: Annotated[int, typer.Option(help="training mini-batch size")] = 64,
-    lr: Annotated[float, typer.Option(help="Adam learning rate")] = 1e-3,
-    task_order: Annotated[str, typer.Option(help="as for `cmmm run`")] = "default",
-    task_data: Annotated[str, typer.Option(help="'full' or 'disjoint'")] = "full",
+    reference: ReferenceOption = None,
+    headroom: HeadroomOption = True,
+    epochs: EpochsOption = None,
+    pretrain_epochs: PretrainEpochsOption = None,
+    batch_size: BatchSizeOption = 64,
+    lr: LrOption = 1e-3,
+    task_order: TaskOrderOption = "default",
+    task_data: TaskDataOption = "full",
     eval_patterns: EvalPatternsOption = "",
     missing_rate: MissingRateOption = 1.0,
     missing_mode: MissingModeOption = "pattern",
-    text: Annotated[
-        str | None,
-        typer.Option(help="mosi only: 'utterance' vectors, or a `cmmm data encode-text` name"),
-    ] = None,
+    text: TextOption = None,
     data_dir: DataDirOption = None,
     cache_dir: CacheDirOption = None,
-    out: Annotated[
-        Path,
-        typer.Option(help="runs go to OUT/<run>/, the table to OUT/compare-<stream>.md and .csv"),
-    ] = Path("runs"),
+    out: OutOption = Path("runs"),
     device: DeviceOption = "auto",
     orders: Annotated[
         int,
@@ -102,13 +95,14 @@ def compare(
     ] = False,
 ) -> None:
     """Run (or reuse finished runs of) several strategies over seeds; print a Table-2 table."""
+    from cmmm.comparison import DEFAULT_REFERENCE, expand_strategies, with_headroom
     from cmmm.comparison import compare as compare_runs
-    from cmmm.comparison import expand_strategies, with_headroom
     from cmmm.data.catalog import STREAMS
     from cmmm.running import RunConfig
 
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    reference = DEFAULT_REFERENCE if reference is None else reference
     STREAMS.get(stream)  # an unknown name lists the valid ones before any run is planned
     base = RunConfig(
         stream=stream,
@@ -124,19 +118,21 @@ def compare(
         out=str(out),
         device=device,
         stream_options=text_stream_options(stream, text),
+        **directory_overrides(data_dir, cache_dir),
     )
-    base = with_directories(base, data_dir, cache_dir)
     names = expand_strategies(strategies, stream)
     if headroom:
         names = with_headroom(names, reference)
     console.print(f"{stream}: {', '.join(names)} x seeds 0..{seeds - 1}", highlight=False)
     if orders:
         from cmmm.comparison import compare_orders, random_task_orders
+        from cmmm.config import resolve
         from cmmm.running import load_stream
 
         if task_order != "default":
             raise ConfigError("--orders draws the task orders; do not also give --task-order")
-        task_codes = [task.code for task in load_stream(base.resolved(), log=lambda _m: None).tasks]
+        stream_of_base = load_stream(resolve(base).config, log=lambda _m: None)
+        task_codes = [task.code for task in stream_of_base.tasks]
         by_order = compare_orders(
             base,
             names,
@@ -168,11 +164,9 @@ def compare(
 @reports_errors
 def experiment(
     file: Annotated[Path, typer.Argument(help="an experiment TOML file (see experiments/)")],
-    seeds: Annotated[
-        str | None, typer.Option(help="comma-separated seeds, replacing the file's")
-    ] = None,
-    epochs: Annotated[int | None, typer.Option(help="epochs per task for every row")] = None,
-    out: Annotated[Path, typer.Option(help="runs and the table go here")] = Path("runs"),
+    seeds: SeedsOption = None,
+    epochs: EpochsOption = None,
+    out: OutOption = Path("runs"),
     data_dir: DataDirOption = None,
     cache_dir: CacheDirOption = None,
     plot: Annotated[
@@ -197,20 +191,6 @@ def experiment(
     console.print(f"table written to {path}", highlight=False)
 
 
-# Shared by `experiment` and `sweep`.
-ReferenceOption = Annotated[
-    str | None,
-    typer.Option(
-        help="the row label every other row's AA is compared with, seed by seed [default: the "
-        "file's reference, else the first row whose strategy is naive]"
-    ),
-]
-HeadroomOption = Annotated[
-    bool,
-    typer.Option(help="add zeroshot and joint rows from the file's base settings"),
-]
-
-
 def experiment_from_flags(
     file: Path,
     out: Path,
@@ -224,13 +204,9 @@ def experiment_from_flags(
     """An experiment file with the flags `experiment` and `sweep` share applied to every run."""
     from cmmm.experiments import load_experiment, with_headroom_rows
 
-    overrides: dict[str, Any] = {"out": str(out)}
+    overrides: dict[str, Any] = {"out": str(out), **directory_overrides(data_dir, cache_dir)}
     if epochs is not None:
         overrides["epochs"] = epochs
-    if data_dir is not None:
-        overrides["data_dir"] = str(data_dir)
-    if cache_dir is not None:
-        overrides["cache_dir"] = str(cache_dir)
     experiment = load_experiment(file, overrides)
     if headroom:
         experiment = with_headroom_rows(experiment, overrides)
@@ -274,13 +250,9 @@ def sweep(
     retries: Annotated[
         int, typer.Option(help="new attempts after a run fails (worker died or error)")
     ] = 1,
-    seeds: Annotated[
-        str | None, typer.Option(help="comma-separated seeds, replacing the file's")
-    ] = None,
-    epochs: Annotated[int | None, typer.Option(help="epochs per task for every run")] = None,
-    out: Annotated[
-        Path, typer.Option(help="runs go to OUT/<run>/, the table to OUT/<file stem>.md and .csv")
-    ] = Path("runs"),
+    seeds: SeedsOption = None,
+    epochs: EpochsOption = None,
+    out: OutOption = Path("runs"),
     data_dir: DataDirOption = None,
     cache_dir: CacheDirOption = None,
     ship_code: Annotated[

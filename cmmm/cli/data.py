@@ -35,12 +35,11 @@ def data_download(
     ] = None,
 ) -> None:
     """Fetch a data set's published files, verify every sha256, and install them all or none."""
-    import os
-
+    from cmmm.config import default_data_dir
     from cmmm.discovery import plugin_module
 
     download_dataset = plugin_module("streams.download").download_dataset
-    target_root = data_dir or Path(os.environ.get("CMMM_DATA_DIR", "data"))
+    target_root = data_dir or Path(default_data_dir())
     target = download_dataset(
         name, target_root, source=source, log=lambda m: console.print(m, highlight=False)
     )
@@ -78,9 +77,9 @@ def data_encode_text(
     cache_dir: CacheDirOption = None,
 ) -> None:
     """Encode a data set's transcripts into token sequences (cached) for `cmmm run --text NAME`."""
-    import os
     import time
 
+    from cmmm.config import default_cache_dir, default_data_dir
     from cmmm.discovery import plugin_module
 
     mosi = plugin_module("streams.mosi")
@@ -90,8 +89,8 @@ def data_encode_text(
             f"encode-text: no transcripts known for {dataset!r}; choose one of "
             f"{', '.join(TEXT_ENCODING_STREAMS)}"
         )
-    data_root = data_dir or Path(os.environ.get("CMMM_DATA_DIR", "data"))
-    cache_root = cache_dir or Path(os.environ.get("CMMM_CACHE_DIR", ".cache"))
+    data_root = data_dir or Path(default_data_dir())
+    cache_root = cache_dir or Path(default_cache_dir())
     started = time.perf_counter()
     with Progress(
         TextColumn("{task.description}"),

@@ -10,20 +10,29 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cmmm.cli.common import (
+    BatchSizeOption,
     CacheDirOption,
     DataDirOption,
     DeviceOption,
+    EpochsOption,
     EvalPatternsOption,
+    LrOption,
     MissingModeOption,
     MissingRateOption,
+    OutOption,
+    PretrainEpochsOption,
+    TaskDataOption,
+    TaskOrderOption,
+    TextOption,
+    ThreadsOption,
     console,
+    directory_overrides,
     format_metric,
     given_on_command_line,
     parse_options,
     reports_errors,
     summary_table,
     text_stream_options,
-    with_directories,
 )
 from cmmm.errors import ConfigError
 
@@ -37,47 +46,22 @@ def run(
     strategy: Annotated[
         str, typer.Option(help="a registered strategy (naive, joint, ...)")
     ] = "naive",
-    epochs: Annotated[
-        int | None, typer.Option(help="epochs per task [stream default: 30 real, 5 synthetic]")
-    ] = None,
-    batch_size: Annotated[int, typer.Option(help="training mini-batch size")] = 64,
-    lr: Annotated[float, typer.Option(help="Adam learning rate")] = 1e-3,
+    epochs: EpochsOption = None,
+    batch_size: BatchSizeOption = 64,
+    lr: LrOption = 1e-3,
     seed: Annotated[int, typer.Option(help="seed for pre-training, training and task data")] = 0,
-    task_order: Annotated[
-        str,
-        typer.Option(
-            help="'default', 1-based indices '1,3,2' or present-modality codes 'avt,vt,t'"
-        ),
-    ] = "default",
-    task_data: Annotated[
-        str,
-        typer.Option(
-            help="'full': every task sees the whole train split; 'disjoint': one partition per task"
-        ),
-    ] = "full",
-    pretrain_epochs: Annotated[
-        int | None, typer.Option(help="epochs of full-modality pre-training (cached)")
-    ] = None,
+    task_order: TaskOrderOption = "default",
+    task_data: TaskDataOption = "full",
+    pretrain_epochs: PretrainEpochsOption = None,
     data_dir: DataDirOption = None,
     cache_dir: CacheDirOption = None,
-    out: Annotated[
-        Path, typer.Option(help="runs are written to OUT/<stream>-<strategy>-seed<seed>-<key>/")
-    ] = Path("runs"),
+    out: OutOption = Path("runs"),
     device: DeviceOption = "auto",
-    threads: Annotated[
-        int,
-        typer.Option(
-            help="intra-op CPU threads of this run; 1 is fastest on a small shared machine "
-            "(run several runs side by side instead)"
-        ),
-    ] = 1,
+    threads: ThreadsOption = 1,
     standardize: Annotated[
         bool, typer.Option(help="z-score every feature with train-split statistics")
     ] = True,
-    text: Annotated[
-        str | None,
-        typer.Option(help="mosi only: 'utterance' vectors, or a `cmmm data encode-text` name"),
-    ] = None,
+    text: TextOption = None,
     eval_patterns: EvalPatternsOption = "",
     missing_rate: MissingRateOption = 1.0,
     missing_mode: MissingModeOption = "pattern",
@@ -106,9 +90,8 @@ def run(
     ] = None,
 ) -> None:
     """Train one strategy on one missing-modality stream and score it after every task."""
+    from cmmm.config import resolve
     from cmmm.config_files import config_to_toml, read_config_file
-    from cmmm.running import RunConfig
-    from cmmm.strategy import STRATEGIES
 
     if resume is not None:
         resumed = resumed_config(ctx, resume, data_dir=data_dir, cache_dir=cache_dir)
@@ -154,10 +137,10 @@ def run(
             **values.get("stream_options", {}),
             **text_stream_options(values.get("stream", "synthetic"), text),
         }
-    config = RunConfig.from_mapping(values, str(config_file or "command line")).resolved()
-    strategy_in_effect = STRATEGIES.get(config.strategy).factory(**config.strategy_options)
+    resolved = resolve(values, where=str(config_file or "command line"))
+    config = resolved.config
     if dry_run:
-        in_effect = "".join(f"\n  {k} = {v!r}" for k, v in strategy_in_effect.options().items())
+        in_effect = "".join(f"\n  {k} = {v!r}" for k, v in resolved.strategy.options().items())
         header = (
             f"cmmm run configuration (run key {config.key()})\n"
             f"{config.strategy} runs with these options (defaults unless set below):"
@@ -166,7 +149,7 @@ def run(
         print(config_to_toml(config, header=header), end="")
         return
 
-    train_and_report(config, resume=False)
+    train_and_report(resolved, resume=False)
 
 
 def resumed_config(
@@ -174,6 +157,7 @@ def resumed_config(
 ) -> Any:
     """The configuration to continue the run in ``run_dir`` with; None when it is finished."""
     from cmmm.checkpoints import CHECKPOINT_FILE
+    from cmmm.config import resolve
     from cmmm.errors import CheckpointError
     from cmmm.running import RESULTS_FILE, resumable_config
 
@@ -201,7 +185,7 @@ def resumed_config(
         raise CheckpointError(
             f"{run_dir}: no {CHECKPOINT_FILE} to resume from; start the run with `cmmm run`"
         )
-    config, checkpoint = resumable_config(run_dir)
+    resolved, checkpoint = resumable_config(run_dir)
     if checkpoint.finished and results.exists():
         console.print(
             f"{run_dir}: the run is finished; results in {results}",
@@ -209,11 +193,12 @@ def resumed_config(
             soft_wrap=True,
         )
         return None
-    config = with_directories(config, data_dir, cache_dir)
+    # Where and how the run computes may change on resuming; what it computes may not.
+    changes = directory_overrides(data_dir, cache_dir)
     for name in ("device", "threads"):
         if given_on_command_line(ctx, name):
-            setattr(config, name, ctx.params[name])
-    return config.validate()
+            changes[name] = ctx.params[name]
+    return resolve(resolved, **changes)
 
 
 def train_and_report(config: Any, resume: bool) -> None:
