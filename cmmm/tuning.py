@@ -261,7 +261,7 @@ def tune_table(
             f"- {strategy}: chosen on validation **{chosen.label}** (`{command_line}`)"
             + (
                 "; not separated from it on validation (paired interval includes 0): "
-                + ", ".join(close)
+                + "; ".join(close)
                 if close
                 else ""
             )
