@@ -452,6 +452,8 @@ class TaskSpecificSelector:
     # For checkpoints: ``current`` is None again after every experience, and requires_grad is set
     # afresh before the next one.
     stateless_between_experiences = True
+    # Its name when strategies/ours.py made it (checkpoints written then still resume).
+    former_names = ("strategies.ours.make_task_specific_selector.<locals>.TaskSpecificSelector",)
 
     def __init__(
         self,
@@ -498,6 +500,7 @@ class OracleTaskIdentity:
 
     # For checkpoints: the identities are cleared after every forward.
     stateless_between_experiences = True
+    former_names = ("strategies.ours.make_oracle_plugin.<locals>.OracleTaskIdentity",)
 
     def __init__(self, prompts: PatternPrompts, patterns: Sequence[Pattern]) -> None:
         self.prompts = prompts

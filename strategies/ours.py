@@ -364,8 +364,10 @@ class ContrastiveTaskLoss:
     class: see the plugins of ``cmmm.pattern_prompts``."""
 
     # For checkpoints: the loss comes from the prompts (in the model's state); last_value only
-    # reports the last minibatch.
+    # reports the last minibatch. Its name when it was made inside a function: see former_names
+    # in cmmm.template_state.
     stateless_between_experiences = True
+    former_names = ("strategies.ours.make_contrastive_plugin.<locals>.ContrastiveTaskLoss",)
 
     def __init__(
         self, prompts: OursPrompts, options: OursOptions, pairs: Sequence[tuple[Pattern, Pattern]]
