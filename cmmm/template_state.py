@@ -149,7 +149,7 @@ def restore_template_state(template: Any, state: State, samples: StreamSamples) 
     # interrupted before the move resumes after it.
     if len(saved_plugins) != len(types) or not all(
         entry["type"] in (name, *getattr(plugin, "former_names", ()))
-        for entry, name, plugin in zip(saved_plugins, types, template.plugins, strict=False)
+        for entry, name, plugin in zip(saved_plugins, types, template.plugins, strict=True)
     ):
         raise CheckpointError(
             f"the checkpoint's plugins {[entry['type'] for entry in saved_plugins]} are not this "
