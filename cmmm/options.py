@@ -3,18 +3,21 @@
 A ``ConfigurableStrategy`` lists its options (``OPTIONS``: name -> ``Option`` with the published
 default, type and admissible values). Unknown names raise ``ConfigError`` listing the valid ones,
 values are type-checked, and ``options()`` returns every value used, so results.json records
-the exact configuration. Every baseline uses it.
+the exact configuration. Every baseline uses it. ``options_dataclass`` makes a dataclass of
+values from such a declaration (the method's ``OursOptions``), so that no option is declared twice.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from cmmm.errors import ConfigError
 from cmmm.strategy import Strategy
+
+T = TypeVar("T")
 
 
 def parse_layers(owner: str, name: str, raw: Any) -> tuple[int, ...]:
@@ -32,6 +35,13 @@ def parse_layers(owner: str, name: str, raw: Any) -> tuple[int, ...]:
     if any(layer < 0 for layer in layers) or len(set(layers)) != len(layers):
         raise ConfigError(f"{owner}: option {name} must list distinct layers >= 0, got {raw!r}")
     return tuple(sorted(layers))
+
+
+def parse_layers_or_auto(owner: str, name: str, raw: Any) -> list[int] | None:
+    """A layer list option that may also be "auto" (None: the strategy computes the layers)."""
+    if isinstance(raw, str) and raw.strip().lower() == "auto":
+        return None
+    return list(parse_layers(owner, name, raw))
 
 
 def parse_comma_list(owner: str, name: str, raw: Any) -> str:
@@ -115,6 +125,23 @@ class Option:
                 f"got {value!r}"
             )
         return value
+
+
+def options_dataclass(options: Mapping[str, Option]) -> Callable[[type[T]], type[T]]:
+    """A class decorator: the class becomes a dataclass with one field per option of
+    ``options``, in its order, typed by the option's kind and defaulting to its default, so that
+    every option is declared once (in ``options``) rather than again as a field."""
+
+    def decorate(cls: type[T]) -> type[T]:
+        cls.__annotations__ = {
+            name: option.kind | None if option.nullable else option.kind
+            for name, option in options.items()
+        }
+        for name, option in options.items():
+            setattr(cls, name, option.default)
+        return dataclass(cls)
+
+    return decorate
 
 
 class ConfigurableStrategy(Strategy):

@@ -145,7 +145,12 @@ def restore_template_state(template: Any, state: State, samples: StreamSamples) 
     _restore_template_attributes(template, state["template"], context)
     saved_plugins = state["plugins"]
     types = [_type_name(plugin) for plugin in template.plugins]
-    if [entry["type"] for entry in saved_plugins] != types:
+    # A plugin that moved or was renamed lists its earlier names (``former_names``), so a run
+    # interrupted before the move resumes after it.
+    if len(saved_plugins) != len(types) or not all(
+        entry["type"] in (name, *getattr(plugin, "former_names", ()))
+        for entry, name, plugin in zip(saved_plugins, types, template.plugins, strict=True)
+    ):
         raise CheckpointError(
             f"the checkpoint's plugins {[entry['type'] for entry in saved_plugins]} are not this "
             f"strategy's {types}; it was written by another version of the strategy"

@@ -22,7 +22,7 @@ from cmmm.data.patterns import all_patterns, nearest_pattern, parse_eval_pattern
 from cmmm.errors import ConfigError
 from cmmm.results import ADDED_SETTINGS, Results
 from cmmm.running import RunConfig, RunStopped, run
-from strategies.ours import CompositionalPrompts, OursOptions, OursPrompts
+from strategies.ours import OursOptions, OursPrompts
 
 MODALITIES = ("audio", "video", "text")
 FULL = (True, True, True)
@@ -161,17 +161,13 @@ def test_nearest_pattern_prefers_fewest_differences_then_shared_modalities() -> 
     assert nearest_pattern((False, True, False), [(True, False, False), A_MISSING]) == A_MISSING
 
 
-def prompts_of(kind: type[OursPrompts], rule: str) -> OursPrompts:
-    options = OursOptions(unseen_patterns=rule, prompt_length=2)
-    if kind is CompositionalPrompts:
-        options = OursOptions(
-            unseen_patterns=rule, prompt_length=2, task_specific_form="compositional"
-        )
-    return kind(MODALITIES, 4, options, {"m": (0,), "ta": (0,), "ts": (0,)})
+def prompts_of(form: str, rule: str) -> OursPrompts:
+    options = OursOptions(unseen_patterns=rule, prompt_length=2, task_specific_form=form)
+    return OursPrompts(MODALITIES, 4, options, {"m": (0,), "ta": (0,), "ts": (0,)})
 
 
 def test_ours_routes_untrained_patterns_to_the_nearest_trained_set() -> None:
-    prompts = prompts_of(OursPrompts, "nearest")
+    prompts = prompts_of("per_pattern", "nearest")
     every = torch.arange(len(prompts.patterns))
     # Nothing trained yet: every pattern keeps its own set.
     assert torch.equal(prompts.task_specific_indices(every), every)
@@ -185,14 +181,14 @@ def test_ours_routes_untrained_patterns_to_the_nearest_trained_set() -> None:
     assert routed[prompts.pattern_index[ONLY_T]] == prompts.pattern_index[A_MISSING]
     assert routed[prompts.pattern_index[A_MISSING]] == prompts.pattern_index[A_MISSING]
     # The seen set is model state: a copy loaded from the state dict routes the same way.
-    copy = prompts_of(OursPrompts, "nearest")
+    copy = prompts_of("per_pattern", "nearest")
     copy.load_state_dict(prompts.state_dict())
     assert torch.equal(copy.task_specific_indices(every), routed)
 
 
-@pytest.mark.parametrize("kind", [OursPrompts, CompositionalPrompts])
-def test_own_rule_keeps_each_patterns_own_set(kind: type[OursPrompts]) -> None:
-    prompts = prompts_of(kind, "own")
+@pytest.mark.parametrize("form", ["per_pattern", "compositional"])
+def test_own_rule_keeps_each_patterns_own_set(form: str) -> None:
+    prompts = prompts_of(form, "own")
     prompts.mark_seen(FULL)
     every = torch.arange(len(prompts.patterns))
     assert torch.equal(prompts.task_specific_indices(every), every)

@@ -17,6 +17,7 @@ from cmmm.data.missing_stream import build_stream
 from cmmm.data.packing import PackedLayout
 from cmmm.data.patterns import all_patterns, parse_task_order
 from cmmm.errors import ConfigError
+from cmmm.pattern_prompts import pattern_key
 from cmmm.prompted_model import PromptedModel, make_prompt_template
 from cmmm.strategy import STRATEGIES, StrategyContext
 from strategies.ours import (
@@ -26,7 +27,6 @@ from strategies.ours import (
     OursOptions,
     OursPrompts,
     contrastive_task_loss,
-    pattern_key,
     positive_pairs,
     resolve_layers,
 )
@@ -791,3 +791,29 @@ def test_end_to_end_tiny_run_writes_results(tiny_config, strategy, options) -> N
     assert parameters["total"] == parameters["backbone"] + parameters["trainable"]
     assert 0 < parameters["trainable_share_of_backbone"] < 1
     assert on_disk["aa"] is not None
+
+
+def test_checkpoints_naming_the_former_plugin_classes_still_resume(stream) -> None:
+    """Checkpoints written when ours made its plugins inside functions name them so; they load."""
+    from cmmm.errors import CheckpointError
+    from cmmm.template_state import StreamSamples, capture_template_state, restore_template_state
+
+    former = {
+        "TaskSpecificSelector": "make_task_specific_selector",
+        "ContrastiveTaskLoss": "make_contrastive_plugin",
+        "OracleTaskIdentity": "make_oracle_plugin",
+    }
+    _, template = build(stream, task_identity="oracle")
+    train_stream = stream.avalanche_benchmark().train_stream
+    template.train(list(train_stream)[0])
+    samples = StreamSamples(train_stream)
+    state = capture_template_state(template, samples)
+    for entry in state["plugins"][:3]:
+        name = entry["type"].rsplit(".", 1)[1]
+        entry["type"] = f"strategies.ours.{former[name]}.<locals>.{name}"
+    _, fresh = build(stream, task_identity="oracle")
+    restore_template_state(fresh, state, samples)
+    assert torch.equal(fresh.model.prompts.seen, template.model.prompts.seen)
+    state["plugins"][0]["type"] = "strategies.ours.SomethingElse"
+    with pytest.raises(CheckpointError, match="another version of the strategy"):
+        restore_template_state(fresh, state, samples)

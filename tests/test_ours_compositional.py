@@ -13,7 +13,8 @@ from cmmm.data.missing_stream import build_stream
 from cmmm.data.patterns import all_patterns
 from cmmm.running import run
 from cmmm.strategy import STRATEGIES
-from strategies.ours import CompositionalPrompts, Ours, OursOptions, OursPrompts
+from strategies.ours import Ours, OursOptions, OursPrompts
+from strategies.ours_compositional import CompositionalStore
 from streams.synthetic import SyntheticSpec, make_synthetic
 
 WIDTH, LENGTH = 30, 4
@@ -44,10 +45,10 @@ def layers_all_at_zero() -> dict[str, list[int]]:
 @pytest.mark.parametrize("m", [3, 4, 5])
 def test_task_specific_parameters_grow_linearly_not_exponentially(m: int) -> None:
     modalities = NAMES[:m]
-    options = OursOptions(prompt_length=LENGTH)
     layers = {"m": (0,), "ta": (1,), "ts": (2,)}
-    per_pattern = OursPrompts(modalities, WIDTH, options, layers)
-    composed = CompositionalPrompts(modalities, WIDTH, options, layers)
+    per_pattern = OursPrompts(modalities, WIDTH, OursOptions(prompt_length=LENGTH), layers)
+    options = OursOptions(prompt_length=LENGTH, task_specific_form="compositional")
+    composed = OursPrompts(modalities, WIDTH, options, layers)
 
     def count(prompts: OursPrompts) -> int:
         return sum(p.numel() for p in prompts.task_specific_parameters())
@@ -82,7 +83,7 @@ def test_only_the_allowed_components_change(stream4, update: str) -> None:
         stream4, Ours, task_specific_form="compositional", compositional_update=update
     )
     prompts = strategy.prompts
-    assert isinstance(prompts, CompositionalPrompts)
+    assert isinstance(prompts.store, CompositionalStore)
     experiences = list(stream4.avalanche_benchmark().train_stream)
     trained: set[str] = set()
     for step in range(3):
@@ -91,7 +92,7 @@ def test_only_the_allowed_components_change(stream4, update: str) -> None:
         template.train(experiences[step])
         after = snapshot(prompts)
         changed = {n for n in before if not torch.equal(before[n], after[n])}
-        mine = set(prompts.components(pattern))
+        mine = set(prompts.store.components(pattern))
         allowed = mine if update == "current" else mine - trained
         assert changed == allowed, (step, changed, allowed)
         trained |= mine

@@ -1,4 +1,4 @@
-"""Missing patterns (which modalities a task has) and task orders.
+"""Missing patterns (which modalities a task has), task orders and pairs of patterns.
 
 A pattern is the tuple of present flags in the dataset's modality order, e.g. for (a, v, t)
 ``(False, True, True)`` is "audio missing". Everything that depends on a task depends on its
@@ -146,3 +146,43 @@ def nearest_pattern(pattern: Pattern, candidates: list[Pattern]) -> Pattern:
         return differ, -shared
 
     return min(candidates, key=cost)
+
+
+def swap_pairs(num_modalities: int) -> list[tuple[Pattern, Pattern]]:
+    """Every pair of distinct patterns that swapping the first and the last modality of the
+    layout maps onto each other, in ``all_patterns`` order. For (audio, video, text) that is
+    method.md's audio<->text swap: [(v,t), (a,v)] and [(a), (t)]."""
+    pairs: list[tuple[Pattern, Pattern]] = []
+    seen: set[frozenset[Pattern]] = set()
+    for p in all_patterns(num_modalities):
+        q = (p[-1], *p[1:-1], p[0]) if len(p) > 1 else p
+        if q != p and frozenset((p, q)) not in seen:
+            seen.add(frozenset((p, q)))
+            pairs.append((p, q))
+    return pairs
+
+
+def parse_pattern_pairs(
+    spec: str, modalities: tuple[str, ...], flag: str
+) -> list[tuple[Pattern, Pattern]]:
+    """A comma list of code pairs such as "vt-av,a-t" (codes of the present modalities, any
+    letter order); errors start with ``flag``. An empty list names no pair."""
+    by_code = {pattern_code(p, modalities): p for p in all_patterns(len(modalities))}
+    letters = "".join(short_name(m) for m in modalities)
+    pairs = []
+    for item in [s.strip() for s in spec.split(",") if s.strip()]:
+        codes = [c.strip() for c in item.split("-")]
+        if len(codes) != 2:
+            raise ConfigError(f"{flag} item {item!r} must be two codes joined by '-', e.g. 'vt-av'")
+        pair = []
+        for code in codes:
+            normal = "".join(sorted(code, key=letters.find))
+            if normal not in by_code:
+                raise ConfigError(
+                    f"{flag}: {code!r} is not a pattern; use one of {', '.join(by_code)}"
+                )
+            pair.append(by_code[normal])
+        if pair[0] == pair[1]:
+            raise ConfigError(f"{flag} item {item!r} pairs a pattern with itself")
+        pairs.append((pair[0], pair[1]))
+    return pairs
