@@ -25,15 +25,15 @@ reproduced: every method uses the runner's training protocol.
 Adaptations to MulT and to the prompt hook (the backbone is not modified):
 
 * The hook cannot replace the projected sequences the backbone computes inside ``forward``. So
-  generation and the missing-signal prompts work in each modality's raw feature space, by
-  wrapping: ``MPLMMModel.forward`` unpacks the packed input (``cmmm.data.packing``), writes the
-  generated raw (L_m, D_m) sequence into a missing modality's zero-filled block, adds S+/-_m
-  ((L_m, D_m) each) to every modality's block, packs the result with the original presence mask
-  and runs the backbone on it. The frozen projection W_m then maps them, so the backbone sees
-  W_m x_m + W_m S_m as MPLMM's proj(x_m) + S_m. When D_m >= d (W_m onto) this is an exact
-  reparametrisation of MPLMM's projected-space prompts; otherwise they are limited to the range of
-  W_m, as the projected features themselves are. The generator's width is D_m of the generated
-  modality (MPLMM's: d): f_(s->m) maps D_s -> D_m and G_m is P x D_m.
+  generation and the missing-signal prompts work in each modality's raw feature space, by wrapping:
+  ``MPLMMModel.prepare`` unpacks the packed input (``cmmm.data.packing``), writes the generated raw
+  (L_m, D_m) sequence into a missing modality's zero-filled block, adds S+/-_m ((L_m, D_m) each) to
+  every modality's block and packs the result with the original presence mask: the input the
+  backbone runs on. The frozen projection W_m then maps them, so the backbone sees W_m x_m + W_m S_m
+  as MPLMM's proj(x_m) + S_m. When D_m >= d (W_m onto) this is an exact reparametrisation of MPLMM's
+  projected-space prompts; otherwise they are limited to the range of W_m, as the projected features
+  themselves are. The generator's width is D_m of the generated modality (MPLMM's: d): f_(s->m) maps
+  D_s -> D_m and G_m is P x D_m.
 * The missing-type matrix uses W_m S+/-_m (the projected missing-signal prompts, (L_m, d)),
   exactly MPLMM's product on the projected prompts.
 * MPLMM appends the missing-type prompt as tokens to the memory transformer's input (and reads
