@@ -1,14 +1,22 @@
 """The pieces the prompt-based strategies share, so that no strategy imports another.
 
-* Options and checks: ``trainable_head_option``, ``normalise_layer_option``,
-  ``check_layers_exist``, ``require_mult``.
+* Options and checks, each declared once: ``TRAINABLE_HEAD``, ``KMEANS_SEED``, ``layers_option``,
+  ``normalise_layer_option``, ``check_layers_exist``, ``require_mult``.
+* ``PromptStrategy``: the strategy side every prompt baseline shares (layer options parsed and
+  checked against the backbone, the template built around its ``PromptedModel``);
+  ``aux_loss_plugin``: the plugin adding a model's ``aux_loss`` to the training loss.
+* ``SitePrompts``: a prompt module whose prompts its model's ``prepare`` computes per batch
+  (``current``), handed to the sites by ``site_key``.
 * The frozen query (``frozen_query``: the backbone's prompt-free pooled features, as L2P's
-  separate frozen "original model") and ``cosine_matrix``.
+  separate frozen "original model"), ``frozen_inputs`` (an experience's inputs, batch by batch)
+  and ``cosine_matrix``.
 * Query-based prompting (L2P, DualPrompt, S-Prompts, CODA-Prompt): ``Selection``,
-  ``LayerPrompts``, ``QueryPromptedModel`` and its task plugin ``make_task_plugin``;
-  ``uniform_parameter`` (the reference code's "uniform" initialiser).
+  ``LayerPrompts``, ``TaskPrompts`` (a part per task), ``QueryPromptedModel``, its task plugin
+  ``make_task_plugin`` and ``QueryPromptStrategy``; ``uniform_parameter`` (the reference code's
+  "uniform" initialiser).
 * K-means (``kmeans``: S-Prompts' domain keys, AOEPT's clustering).
-* Site tokens (below), which MemPrompt and AOEPT condition their prompts on.
+* Site tokens (below), which MemPrompt and AOEPT condition their prompts on, and
+  ``missing_or_every``, the modalities their prompts stand in for.
 
 Site tokens: what the frozen backbone feeds its cross-modal attentions, read from its recording.
 
@@ -25,24 +33,42 @@ sample.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from cmmm.backbone import MulT, PromptContext, PromptSite
 from cmmm.errors import ConfigError
 from cmmm.options import ConfigurableStrategy, Option, parse_layers
-from cmmm.prompted_model import TRAINABLE_HEADS, PromptedModel, set_requires_grad
+from cmmm.prompted_model import (
+    TRAINABLE_HEADS,
+    PromptedModel,
+    make_prompt_template,
+    set_requires_grad,
+)
+from cmmm.strategy import StrategyContext
 
 KMEANS_ITERATIONS = 100
+# Batch size of the frozen passes over an experience's training set (no gradient is kept).
+FROZEN_BATCH_SIZE = 256
+
+# Every prompt baseline trains MulT's out_layer with its prompts by default: each published method
+# trains its classifier on top of the frozen encoder, and out_layer is MulT's counterpart.
+TRAINABLE_HEAD = Option(
+    "out", str, "head layers trained with the prompts", choices=tuple(TRAINABLE_HEADS)
+)
+KMEANS_SEED = Option(0, int, "seed of the K-means initialisation", minimum=0)
 
 
-def trainable_head_option(default: str, help_text: str) -> Option:
-    return Option(default, str, help_text, choices=tuple(TRAINABLE_HEADS))
+def layers_option(default: str, help_text: str = "cross-modal layers given prompts") -> Option:
+    """A cross-modal layer list ("0,1,2"); ``PromptStrategy`` parses and checks it."""
+    return Option(default, str, help_text)
 
 
 def normalise_layer_option(strategy: ConfigurableStrategy, name: str) -> tuple[int, ...]:
@@ -79,9 +105,35 @@ def frozen_query(backbone: MulT, x: Tensor) -> Tensor:
             module.training = was_training
 
 
+def frozen_inputs(backbone: MulT, dataset: Any) -> Iterator[Tensor]:
+    """The packed inputs of ``dataset`` (an Avalanche training set), in order, batch by batch, on
+    the backbone's device: what the methods that summarise an experience run frozen passes on."""
+    device = next(backbone.parameters()).device
+    for batch in DataLoader(dataset, batch_size=FROZEN_BATCH_SIZE, shuffle=False):
+        yield batch[0].to(device)
+
+
 def cosine_matrix(query: Tensor, keys: Tensor) -> Tensor:
     """(B, K) cosine similarities of queries (B, D) and keys (K, D)."""
     return F.normalize(query, dim=1) @ F.normalize(keys, dim=1).T
+
+
+class SitePrompts(nn.Module):
+    """A prompt module whose prompts are computed per batch: the model's ``prepare`` stores them in
+    ``current`` (site key -> tensor) and ``PromptedModel`` clears it after the pass. ``site_key``
+    says which entry a site reads (None: no prompt); by default a cross-modal site reads its
+    layer's, the same prompt for every cross-modal transformer at that layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current: dict[Any, Tensor] | None = None
+
+    def site_key(self, site: PromptSite) -> Any:
+        return site.layer if site.is_cross else None
+
+    def prompt_for(self, site: PromptSite, ctx: PromptContext) -> Tensor | None:
+        key = None if self.current is None else self.site_key(site)
+        return None if key is None else self.current.get(key)  # type: ignore[union-attr]
 
 
 @dataclass
@@ -99,22 +151,13 @@ class Selection:
     choice: Tensor | None = None
 
 
-class LayerPrompts(nn.Module):
+class LayerPrompts(SitePrompts):
     """Base of the query-based prompt modules: ``select`` computes a batch's prompts per layer
     (once per forward, from the query), ``prompt_for`` hands them to every cross-modal transformer
     at that layer. Subclasses may override ``begin_task``/``end_task`` (task boundaries)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.current: dict[int, Tensor] | None = None
-
     def select(self, query: Tensor, task: int | None) -> Selection:
         raise NotImplementedError
-
-    def prompt_for(self, site: PromptSite, ctx: PromptContext) -> Tensor | None:
-        if not site.is_cross or self.current is None:
-            return None
-        return self.current.get(site.layer)
 
     def begin_task(self, task: int) -> None:
         """Before training experience ``task``: set ``requires_grad`` of the method's parameters
@@ -124,23 +167,58 @@ class LayerPrompts(nn.Module):
         """After training experience ``task`` (``dataset``: its Avalanche training set)."""
 
 
+class TaskPrompts(LayerPrompts):
+    """Query-based prompts with a part per task (DualPrompt's E-prompts, S-Prompts' domains,
+    CODA-Prompt's slices): only the training task's part trains (``begin_task``; the parts are
+    ``task_parameters``), and ``trained`` marks the tasks trained so far (``end_task``)."""
+
+    def __init__(self, num_tasks: int) -> None:
+        super().__init__()
+        self.register_buffer("trained", torch.zeros(num_tasks, dtype=torch.bool))
+
+    def task_parameters(self, task: int) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def nearest_task(self, query: Tensor) -> Tensor:
+        """(B,) the task each query is nearest to, outside training."""
+        raise NotImplementedError
+
+    def tasks_of(self, query: Tensor, task: int | None) -> Tensor:
+        """(B,) each sample's task: the training task for every sample, else the nearest."""
+        if task is None:
+            return self.nearest_task(query)
+        return torch.full((len(query),), task, dtype=torch.long, device=query.device)
+
+    @staticmethod
+    def per_sample(parts: nn.ParameterList, tasks: Tensor, task: int | None) -> Tensor:
+        """(B, *part) each sample's part: indexed by ``tasks``, or the training task's expanded."""
+        if task is None:
+            return torch.stack(list(parts))[tasks]
+        return parts[task].unsqueeze(0).expand(len(tasks), *parts[task].shape)
+
+    def begin_task(self, task: int) -> None:
+        for t in range(len(self.trained)):
+            set_requires_grad(self.task_parameters(t), t == task)
+
+    def end_task(self, task: int, model: QueryPromptedModel, dataset: Any) -> None:
+        self.trained[task] = True
+
+
 class QueryPromptedModel(PromptedModel):
     """A ``PromptedModel`` whose prompts are chosen per sample from the frozen query.
 
-    ``forward``: query = ``frozen_query(backbone, x)``; the prompt module's ``select`` (given the
-    current training task while training, None otherwise) gives the prompts per layer; the
-    backbone runs with them through its hook; ``output`` maps the pooled features to the
-    prediction (the backbone's own head by default). While training, ``aux_loss`` holds the
-    selection's extra loss term for the task plugin to add.
+    ``prepare``: query = ``frozen_query(backbone, x)``; the prompt module's ``select`` (given the
+    current training task while training, None otherwise) gives the prompts per layer, which the
+    backbone then runs with. While training, ``aux_loss`` holds the selection's extra loss term
+    for the task plugin to add; ``last_choice`` keeps the selection's choice.
     """
 
     def __init__(self, backbone: MulT, prompts: LayerPrompts, trainable_head: str = "none"):
         super().__init__(backbone, prompts, trainable_head)
         self.training_task: int | None = None
-        self.aux_loss: Tensor | None = None
         self.last_choice: Tensor | None = None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def prepare(self, x: Tensor) -> Tensor:
         prompts: LayerPrompts = self.prompts  # type: ignore[assignment]
         query = frozen_query(self.backbone, x)
         task = self.training_task if self.training else None
@@ -148,17 +226,7 @@ class QueryPromptedModel(PromptedModel):
         self.aux_loss = selection.aux_loss if self.training else None
         self.last_choice = None if selection.choice is None else selection.choice.detach()
         prompts.current = selection.prompts
-        try:
-            with self.backbone.using_prompt_hook(prompts.prompt_for):
-                features = self.backbone.forward_features(x)
-        finally:
-            prompts.current = None
-        output = self.output(features, selection)
-        return output.squeeze(1) if self.backbone.config.output_dim == 1 else output
-
-    def output(self, features: Tensor, selection: Selection) -> Tensor:
-        """(B, output_dim) from the pooled features; never squeezed."""
-        return self.backbone.head(features)
+        return x
 
     def begin_task(self, task: int) -> None:
         self.training_task = task
@@ -174,35 +242,123 @@ class QueryPromptedModel(PromptedModel):
         set_requires_grad(self.method_parameters(), True)
 
 
+@functools.cache
+def aux_loss_plugin_class() -> type:
+    """The class of ``aux_loss_plugin``, made on first use (importing Avalanche takes seconds);
+    plugins that also act at task boundaries subclass it."""
+    from avalanche.core import SupervisedPlugin
+
+    class AuxLossPlugin(SupervisedPlugin):
+        """Adds ``aux_weight`` times the model's ``aux_loss`` (its method's extra term for this
+        minibatch, None: nothing) to the training loss, in ``before_backward``."""
+
+        # For checkpoints: last_aux only reports the last minibatch and the model's aux_loss is
+        # consumed by the step that made it; nothing here reaches the next experience.
+        stateless_between_experiences = True
+
+        def __init__(self, model: PromptedModel, aux_weight: float = 1.0) -> None:
+            super().__init__()
+            self.prompted = model
+            self.aux_weight = aux_weight
+            self.last_aux: Tensor | None = None
+
+        def before_backward(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
+            model = self.prompted
+            if model.aux_loss is not None:
+                self.last_aux = model.aux_loss.detach()
+                # Multiplying by 1.0 is exact, so an unweighted term is added unchanged.
+                strategy.loss = strategy.loss + self.aux_weight * model.aux_loss
+                model.aux_loss = None
+
+    return AuxLossPlugin
+
+
+def aux_loss_plugin(model: PromptedModel, aux_weight: float = 1.0) -> Any:
+    """A plugin adding ``aux_weight`` times ``model.aux_loss`` to each training minibatch's loss."""
+    return aux_loss_plugin_class()(model, aux_weight)
+
+
 def make_task_plugin(model: QueryPromptedModel) -> Any:
     """The plugin every query-based baseline uses: task boundaries (``begin_task`` then a new
     optimizer over what now has ``requires_grad``; ``end_task``), and the selection's auxiliary
     loss added in ``before_backward``."""
-    from avalanche.core import SupervisedPlugin
 
-    class QueryPromptPlugin(SupervisedPlugin):
-        # For checkpoints: last_aux only reports the last minibatch; the model's training task
-        # and auxiliary loss are cleared by end_task; nothing here reaches the next experience.
-        stateless_between_experiences = True
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.last_aux: Tensor | None = None
-
+    class QueryPromptPlugin(aux_loss_plugin_class()):  # type: ignore[misc]
         def before_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
             model.begin_task(strategy.experience.current_experience)
             strategy.make_optimizer()
 
-        def before_backward(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
-            if model.aux_loss is not None:
-                self.last_aux = model.aux_loss.detach()
-                strategy.loss = strategy.loss + model.aux_loss
-                model.aux_loss = None
-
         def after_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
             model.end_task(strategy.experience.current_experience, strategy.experience.dataset)
 
-    return QueryPromptPlugin()
+    return QueryPromptPlugin(model)
+
+
+class PromptStrategy(ConfigurableStrategy):
+    """The strategy side every prompt baseline shares. The cross-modal layer options named in
+    ``LAYER_OPTIONS`` become attributes of the same name (tuples; recorded as "0,1") and are
+    checked against the backbone; ``build`` wraps the frozen MulT with ``make_model`` and trains
+    it, with ``make_plugins``' plugins, through ``make_prompt_template``."""
+
+    LAYER_OPTIONS: ClassVar[tuple[str, ...]] = ("layers",)
+    layers: tuple[int, ...]
+
+    def check(self) -> None:
+        for name in self.LAYER_OPTIONS:
+            setattr(self, name, normalise_layer_option(self, name))
+
+    def require_at_most(self, name: str, limit: str) -> None:
+        """Option ``name`` may not exceed option ``limit`` (how many of a pool are picked)."""
+        if self.opt(name) > self.opt(limit):
+            raise ConfigError(
+                f"{self.family}: {name} ({self.opt(name)}) cannot exceed {limit} "
+                f"({self.opt(limit)})"
+            )
+
+    def settings(self) -> dict[str, Any]:
+        """Every option's value, the layer options as tuples: what a method's prompt module is
+        built from, so that each option is named once, where it is declared and where it is used."""
+        values = self.options()
+        values.update({name: getattr(self, name) for name in self.LAYER_OPTIONS})
+        return values
+
+    def make_model(self, backbone: MulT, ctx: StrategyContext) -> PromptedModel:
+        raise NotImplementedError
+
+    def make_plugins(self, model: Any) -> list[Any]:
+        return []
+
+    def task_count(self, ctx: StrategyContext) -> int:
+        """The stream's number of tasks, for methods with something per task."""
+        if not ctx.stream.tasks:
+            raise ConfigError(f"{self.family}: the stream has no task")
+        return len(ctx.stream.tasks)
+
+    def build(self, ctx: StrategyContext) -> Any:
+        backbone = require_mult(self.family, ctx.model)
+        for name in self.LAYER_OPTIONS:
+            check_layers_exist(self.family, name, getattr(self, name), backbone.config.layers)
+        # Kept on the strategy for inspection.
+        self.model = self.make_model(backbone, ctx)
+        return make_prompt_template(self.model, ctx, plugins=self.make_plugins(self.model))
+
+
+class QueryPromptStrategy(PromptStrategy):
+    """A query-based baseline: ``make_prompts`` builds its ``LayerPrompts``, ``MODEL`` wraps them
+    (with the ``trainable_head`` option's head layers, "none" without the option), and the task
+    plugin drives its task boundaries."""
+
+    MODEL: ClassVar[type[QueryPromptedModel]] = QueryPromptedModel
+
+    def make_prompts(self, backbone: MulT, ctx: StrategyContext) -> LayerPrompts:
+        raise NotImplementedError
+
+    def make_model(self, backbone: MulT, ctx: StrategyContext) -> PromptedModel:
+        head = self._values.get("trainable_head", "none")
+        return self.MODEL(backbone, self.make_prompts(backbone, ctx), head)
+
+    def make_plugins(self, model: Any) -> list[Any]:
+        return [make_task_plugin(model)]
 
 
 def uniform_parameter(*shape: int, bound: float = 1.0) -> nn.Parameter:
@@ -239,6 +395,16 @@ def kmeans(points: Tensor, k: int, seed: int = 0, iterations: int = KMEANS_ITERA
             if len(members):
                 centroids[j] = members.mean(dim=0)
     return centroids.to(points.dtype)
+
+
+def missing_or_every(presence: Tensor, complete: float = 1.0) -> Tensor:
+    """(B, M) per-modality weights from the presence mask (B, M): 1 for each missing modality, 0
+    for a present one, and ``complete`` for every modality of a sample with none missing. What a
+    sample's prompts stand in for: MemPrompt sums the shared prompts of these modalities (1),
+    AOEPT weighs its modality prompts by them (1/M for a complete sample)."""
+    missing = (presence < 0.5).to(presence.dtype)
+    none_missing = missing.sum(dim=1, keepdim=True) == 0
+    return torch.where(none_missing, torch.full_like(missing, complete), missing)
 
 
 # (target, source, cross-modal layer) -> (B, L_source, d) key/value tokens.

@@ -1,13 +1,15 @@
 """The piece every prompt method shares: a frozen backbone wrapped with a trainable prompt module.
 
 ``PromptedModel`` owns an unchanged MulT (``self.backbone``, every weight frozen) and a prompt
-module (``self.prompts``, an ``nn.Module`` with ``prompt_for(site, ctx)``). Its ``forward`` runs
-the backbone with ``prompts.prompt_for`` as the backbone's prompt hook (see ``cmmm.backbone``),
-so the prompts are ordinary registered parameters of the wrapper: they appear in
-``parameters()`` and ``state_dict()``, and move with ``.to()``. (Setting a module as the
-backbone's hook would not register it: ``MulT`` deliberately keeps its hook out of its
-submodules.) The backbone keeps its normal train/eval behaviour (dropout on in training, off in
-evaluation); only its weights are frozen.
+module (``self.prompts``, an ``nn.Module`` with ``prompt_for(site, ctx)``). Its ``forward`` calls
+``prepare(x)``, the one step a method overrides (compute the batch's prompts into
+``prompts.current``, return the input the backbone runs on), runs the backbone on it with
+``prompts.prompt_for`` as the backbone's prompt hook (see ``cmmm.backbone``), and clears
+``prompts.current`` again, whatever happens. The prompts are ordinary registered parameters of
+the wrapper: they appear in ``parameters()`` and ``state_dict()``, and move with ``.to()``.
+(Setting a module as the backbone's hook would not register it: ``MulT`` deliberately keeps its
+hook out of its submodules.) The backbone keeps its normal train/eval behaviour (dropout on in
+training, off in evaluation); only its weights are frozen.
 
 ``make_prompt_template`` builds the Avalanche template for such a model. Its optimizer holds only
 the parameters with ``requires_grad`` and is built afresh at every experience. Why:
@@ -86,6 +88,8 @@ class PromptedModel(nn.Module):
         self.backbone = backbone
         self.prompts = prompts
         self.trainable_head = trainable_head
+        # The method's extra loss term of the last training batch (None: none), for its plugin.
+        self.aux_loss: Tensor | None = None
         set_requires_grad(self.backbone.parameters(), False)
         set_requires_grad(self.head_parameters(), True)
 
@@ -101,9 +105,26 @@ class PromptedModel(nn.Module):
         """Every parameter the method may train: all prompts and the trainable head layers."""
         return [*self.prompts.parameters(), *self.head_parameters()]
 
+    def prepare(self, x: Tensor) -> Tensor:
+        """The per-batch step before the backbone runs: compute what ``prompts.prompt_for`` hands
+        out for this batch (kept in ``prompts.current``) and return the input the backbone runs
+        on. Default: nothing to compute, ``x`` as given."""
+        return x
+
+    def run(self, x: Tensor) -> Tensor:
+        """The prediction for the prepared input, called inside the prompt hook: the backbone's."""
+        return self.backbone(x)
+
     def forward(self, x: Tensor) -> Tensor:
-        with self.backbone.using_prompt_hook(self.prompts.prompt_for):
-            return self.backbone(x)
+        try:
+            prepared = self.prepare(x)
+            with self.backbone.using_prompt_hook(self.prompts.prompt_for):
+                return self.run(prepared)
+        finally:
+            # A batch's prompts must not outlive it: a later call of prompt_for (another batch,
+            # a frozen pass) would otherwise read them. Modules without a stash are left alone.
+            if getattr(self.prompts, "current", None) is not None:
+                self.prompts.current = None
 
 
 class _RequiresGradAdam:

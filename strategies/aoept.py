@@ -50,27 +50,30 @@ Reconstructed for MulT and the continual stream (the backbone is not modified):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
-from cmmm.backbone import MulT, PromptContext, PromptSite
+from cmmm.backbone import MulT
 from cmmm.errors import ConfigError
-from cmmm.options import ConfigurableStrategy, Option
+from cmmm.options import Option
 from cmmm.prompt_kit import (
-    check_layers_exist,
+    KMEANS_SEED,
+    TRAINABLE_HEAD,
+    PromptStrategy,
+    SitePrompts,
+    aux_loss_plugin_class,
+    frozen_inputs,
     frozen_site_tokens,
     kmeans,
+    layers_option,
     mean_pooled_modality_tokens,
-    normalise_layer_option,
-    require_mult,
-    trainable_head_option,
+    missing_or_every,
 )
-from cmmm.prompted_model import PromptedModel, make_prompt_template
+from cmmm.prompted_model import PromptedModel
 from cmmm.strategy import STRATEGIES, StrategyContext
 
 # (modality, layer) -> (B, d) pooled tokens of that modality at that layer.
@@ -88,13 +91,6 @@ def bank_attention(queries: Tensor, bank: Tensor, heads: int) -> Tensor:
     return out.transpose(1, 2).reshape(*lead, length, width)
 
 
-def injection_weights(presence: Tensor) -> Tensor:
-    """(B, M) w_m: 1 for each missing modality; 1/M for every modality of a complete sample."""
-    missing = (presence < 0.5).to(presence.dtype)
-    complete = missing.sum(dim=1, keepdim=True) == 0
-    return torch.where(complete, torch.full_like(missing, 1.0 / presence.shape[1]), missing)
-
-
 def info_nce(prompts: Tensor, features: Tensor, log_scale: Tensor) -> Tensor:
     """Cross-entropy of cosine logits (times exp(log_scale)) between matching rows of
     ``prompts`` and ``features`` (B, d) against every other row of the batch."""
@@ -102,39 +98,31 @@ def info_nce(prompts: Tensor, features: Tensor, log_scale: Tensor) -> Tensor:
     return F.cross_entropy(logits, torch.arange(len(prompts), device=prompts.device))
 
 
-class AOEPTPrompts(nn.Module):
-    """Banks (frozen buffers), queries, LayerNorms and gates; ``layer_prompts`` per batch."""
+class AOEPTPrompts(SitePrompts):
+    """Banks (frozen buffers), queries, LayerNorms and gates; ``layer_prompts`` per batch (every
+    cross-modal transformer of a prompted layer gets that layer's prefix)."""
 
-    def __init__(
-        self,
-        modalities: Sequence[str],
-        layers: Sequence[int],
-        width: int,
-        bank_size: int,
-        length: int,
-        gate_hidden: int,
-        heads: int,
-        shared_prompt: bool,
-    ) -> None:
+    def __init__(self, backbone: MulT, heads: int, options: Mapping[str, Any]) -> None:
         super().__init__()
-        self.modalities = tuple(modalities)
-        self.layers = tuple(layers)
+        self.modalities = tuple(backbone.layout.modalities)
+        self.layers: tuple[int, ...] = options["layers"]
         self.heads = heads
-        self.use_shared = shared_prompt
+        self.use_shared: bool = options["shared_prompt"]
+        width, length = backbone.config.d_model, options["prompt_length"]
+        gate_hidden = max(1, width // options["gate_reduction"])
         n_mod, n_layers = len(self.modalities), len(self.layers)
         self.queries = nn.Parameter(torch.randn(n_mod, n_layers, length, width) * 0.02)
         self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in self.modalities)
         self.gates = nn.ModuleList(self._gate(width, gate_hidden) for _ in self.modalities)
-        if shared_prompt:
+        if self.use_shared:
             self.shared_query = nn.Parameter(torch.randn(n_layers, length, width) * 0.02)
             self.shared_norm = nn.LayerNorm(width)
             self.shared_gate = self._gate(width, gate_hidden)
         self.log_scale = nn.Parameter(torch.tensor(math.log(100.0)))
         # The banks: rows 0..bank_rows[m]-1 of bank[m, layer] are valid; 0 rows: not built yet.
-        self.register_buffer("bank", torch.zeros(n_mod, n_layers, bank_size, width))
+        bank = torch.zeros(n_mod, n_layers, options["bank_size"], width)
+        self.register_buffer("bank", bank)
         self.register_buffer("bank_rows", torch.zeros(n_mod, dtype=torch.long))
-        # Prompted layer -> (B, P, d) prefix of the current batch.
-        self.current: dict[int, Tensor] | None = None
 
     @staticmethod
     def _gate(width: int, hidden: int) -> nn.Sequential:
@@ -214,7 +202,8 @@ class AOEPTPrompts(nn.Module):
         """Each prompted layer's (B, P, d) prefix, and (``with_aux``) the mean InfoNCE."""
         prompts = self.modality_prompts()  # (M, layers, L, d)
         gates = self.gate_values(pooled, presence)
-        weights = injection_weights(presence)  # (B, M)
+        # w_m: 1 for each missing modality; 1/M for every modality of a complete sample.
+        weights = missing_or_every(presence, 1.0 / presence.shape[1])  # (B, M)
         present = presence > 0.5
         shared = self.shared_prompts() if self.use_shared else None
         layer_prompts: dict[int, Tensor] = {}
@@ -241,37 +230,24 @@ class AOEPTPrompts(nn.Module):
         aux = torch.stack(terms).mean() if terms else None
         return layer_prompts, aux
 
-    def prompt_for(self, site: PromptSite, ctx: PromptContext) -> Tensor | None:
-        if not site.is_cross or self.current is None:
-            return None
-        return self.current.get(site.layer)
-
 
 class AOEPTModel(PromptedModel):
     """Reads the frozen backbone's pooled tokens at the prompted layers, builds the layers'
     prompts from them and the banks, then runs the backbone with those prompts. While training,
     ``aux_loss`` holds the InfoNCE term for the plugin to add."""
 
-    def __init__(self, backbone: MulT, prompts: AOEPTPrompts, trainable_head: str) -> None:
-        super().__init__(backbone, prompts, trainable_head)
-        self.aux_loss: Tensor | None = None
-
     def pooled_tokens(self, x: Tensor) -> PooledTokens:
         prompts: AOEPTPrompts = self.prompts  # type: ignore[assignment]
         tokens = frozen_site_tokens(self.backbone, x, prompts.layers)
         return mean_pooled_modality_tokens(tokens, prompts.modalities, prompts.layers)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def prepare(self, x: Tensor) -> Tensor:
         prompts: AOEPTPrompts = self.prompts  # type: ignore[assignment]
         pooled = self.pooled_tokens(x)
         _, presence = self.backbone.layout.unpack(x)
         prompts.current, aux = prompts.layer_prompts(pooled, presence, with_aux=self.training)
         self.aux_loss = aux if self.training else None
-        try:
-            with self.backbone.using_prompt_hook(prompts.prompt_for):
-                return self.backbone(x)
-        finally:
-            prompts.current = None
+        return x
 
     def build_missing_banks(self, dataset: Any, seed: int) -> list[str]:
         """K-means banks for every modality that has none yet and is present somewhere in
@@ -280,12 +256,10 @@ class AOEPTModel(PromptedModel):
         wanted = [m for m in prompts.modalities if not prompts.has_bank(m)]
         if not wanted:
             return []
-        device = next(self.backbone.parameters()).device
         points: dict[tuple[str, int], list[Tensor]] = {
             (m, layer): [] for m in wanted for layer in prompts.layers
         }
-        for batch in DataLoader(dataset, batch_size=256, shuffle=False):
-            x = batch[0].to(device)
+        for x in frozen_inputs(self.backbone, dataset):
             pooled = self.pooled_tokens(x)
             _, presence = self.backbone.layout.unpack(x)
             for m in wanted:
@@ -307,17 +281,13 @@ class AOEPTModel(PromptedModel):
 
 def make_aoept_plugin(model: AOEPTModel, kmeans_seed: int, aux_weight: float) -> Any:
     """Builds the missing banks before each experience trains, and adds ``aux_weight`` times the
-    InfoNCE term to the loss of every training minibatch (``before_backward``)."""
-    from avalanche.core import SupervisedPlugin
+    InfoNCE term to the loss of every training minibatch."""
 
-    class AOEPTPlugin(SupervisedPlugin):
+    class AOEPTPlugin(aux_loss_plugin_class()):  # type: ignore[misc]
         # The banks live in the prompt module's buffers (bank_rows says which exist), so a
         # checkpoint of the model carries them; ``built`` is only a record for inspection.
-        stateless_between_experiences = True
-
         def __init__(self) -> None:
-            super().__init__()
-            self.last_aux: Tensor | None = None
+            super().__init__(model, aux_weight)
             self.built: dict[int, list[str]] = {}
 
         def before_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
@@ -326,24 +296,18 @@ def make_aoept_plugin(model: AOEPTModel, kmeans_seed: int, aux_weight: float) ->
                 strategy.experience.dataset, kmeans_seed
             )
 
-        def before_backward(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
-            if model.aux_loss is not None:
-                self.last_aux = model.aux_loss.detach()
-                strategy.loss = strategy.loss + aux_weight * model.aux_loss
-                model.aux_loss = None
-
     return AOEPTPlugin()
 
 
 @STRATEGIES.register(
     "aoept", "AOEPT: gated prompts that attend over K-means banks of each modality's tokens"
 )
-class AOEPT(ConfigurableStrategy):
+class AOEPT(PromptStrategy):
     family = "aoept"
     OPTIONS = {
         "bank_size": Option(32, int, "K-means rows N of each (modality, layer) bank", minimum=1),
         "prompt_length": Option(16, int, "query and prompt length L", minimum=1),
-        "layers": Option("0,1,2", str, "cross-modal layers given prompts"),
+        "layers": layers_option("0,1,2"),
         "gate_reduction": Option(16, int, "r of the gate MLP d -> d/r -> d", minimum=1),
         "heads": Option(
             None,
@@ -354,16 +318,11 @@ class AOEPT(ConfigurableStrategy):
         ),
         "aux_weight": Option(0.05, float, "weight of the InfoNCE term", minimum=0),
         "shared_prompt": Option(True, bool, "also a shared prompt over every bank"),
-        "kmeans_seed": Option(0, int, "seed of the K-means initialisation", minimum=0),
-        "trainable_head": trainable_head_option("out", "head layers trained with the prompts"),
+        "kmeans_seed": KMEANS_SEED,
+        "trainable_head": TRAINABLE_HEAD,
     }
 
-    def check(self) -> None:
-        self.layers = normalise_layer_option(self, "layers")
-
-    def build(self, ctx: StrategyContext) -> Any:
-        backbone = require_mult("aoept", ctx.model)
-        check_layers_exist("aoept", "layers", self.layers, backbone.config.layers)
+    def make_model(self, backbone: MulT, ctx: StrategyContext) -> PromptedModel:
         width = backbone.config.d_model
         heads = self.opt("heads") or backbone.config.num_heads
         if width % heads:
@@ -371,17 +330,8 @@ class AOEPT(ConfigurableStrategy):
                 f"aoept: heads={heads} does not divide the model width d={width}; set -o heads "
                 f"to a divisor of {width}"
             )
-        prompts = AOEPTPrompts(
-            backbone.layout.modalities,
-            self.layers,
-            width,
-            self.opt("bank_size"),
-            self.opt("prompt_length"),
-            max(1, width // self.opt("gate_reduction")),
-            heads,
-            self.opt("shared_prompt"),
-        )
-        model = AOEPTModel(backbone, prompts, self.opt("trainable_head"))
-        plugin = make_aoept_plugin(model, self.opt("kmeans_seed"), self.opt("aux_weight"))
-        self.model, self.plugin = model, plugin
-        return make_prompt_template(model, ctx, plugins=[plugin])
+        prompts = AOEPTPrompts(backbone, heads, self.settings())
+        return AOEPTModel(backbone, prompts, self.opt("trainable_head"))
+
+    def make_plugins(self, model: Any) -> list[Any]:
+        return [make_aoept_plugin(model, self.opt("kmeans_seed"), self.opt("aux_weight"))]

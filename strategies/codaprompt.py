@@ -33,29 +33,29 @@ Adaptations to MulT:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from cmmm.backbone import MulT
 from cmmm.errors import ConfigError
-from cmmm.options import ConfigurableStrategy, Option
+from cmmm.options import Option
 from cmmm.prompt_kit import (
+    TRAINABLE_HEAD,
     LayerPrompts,
-    QueryPromptedModel,
+    QueryPromptStrategy,
     Selection,
-    check_layers_exist,
-    make_task_plugin,
-    normalise_layer_option,
-    require_mult,
-    trainable_head_option,
+    TaskPrompts,
+    layers_option,
 )
-from cmmm.prompted_model import make_prompt_template, set_requires_grad
 from cmmm.strategy import STRATEGIES, StrategyContext
 
 
-def gram_schmidt_rows(previous: Tensor, count: int, generator: torch.Generator | None = None):
+def gram_schmidt_rows(
+    previous: Tensor, count: int, generator: torch.Generator | None = None
+) -> Tensor:
     """(count, D) random unit rows, orthogonal to every row of ``previous`` (N, D) and to each
     other (classical Gram-Schmidt with one re-orthogonalisation pass, in float64)."""
     dim = previous.shape[1]
@@ -90,28 +90,22 @@ def ortho_penalty(rows: Tensor) -> Tensor:
     return (gram - torch.eye(len(rows), dtype=rows.dtype, device=rows.device)).pow(2).mean()
 
 
-class CodaPrompts(LayerPrompts):
+class CodaPrompts(TaskPrompts):
     """Per task slice: components (layers, n, L, d), keys and attention vectors (layers, n, q)."""
 
     def __init__(
-        self,
-        num_tasks: int,
-        per_task: int,
-        layers: Sequence[int],
-        length: int,
-        width: int,
-        query_dim: int,
-        ortho_mu: float,
+        self, backbone: MulT, num_tasks: int, per_task: int, options: Mapping[str, Any]
     ) -> None:
-        super().__init__()
-        self.layers = tuple(layers)
+        super().__init__(num_tasks)
+        self.layers: tuple[int, ...] = options["layers"]
         self.per_task = per_task
-        self.ortho_mu = ortho_mu
-        n_layers = len(self.layers)
+        self.ortho_mu: float = options["ortho_mu"]
+        n_layers, query_dim = len(self.layers), backbone.feature_dim
+        component = (n_layers, per_task, options["prompt_length"], backbone.config.d_model)
         # Created uniform(0, 1) as the reference code's tensor_prompt; every slice is replaced by
         # its Gram-Schmidt initialisation when its task starts.
         self.components = nn.ParameterList(
-            nn.Parameter(torch.rand(n_layers, per_task, length, width)) for _ in range(num_tasks)
+            nn.Parameter(torch.rand(*component)) for _ in range(num_tasks)
         )
         self.keys = nn.ParameterList(
             nn.Parameter(torch.rand(n_layers, per_task, query_dim)) for _ in range(num_tasks)
@@ -119,7 +113,6 @@ class CodaPrompts(LayerPrompts):
         self.attention = nn.ParameterList(
             nn.Parameter(torch.rand(n_layers, per_task, query_dim)) for _ in range(num_tasks)
         )
-        self.register_buffer("trained", torch.zeros(num_tasks, dtype=torch.bool))
 
     def active_slices(self, task: int | None) -> int:
         """How many slices a forward uses: 0..task while training task, else every trained one
@@ -170,32 +163,26 @@ class CodaPrompts(LayerPrompts):
                     )
                     rows = gram_schmidt_rows(previous, self.per_task)
                     new[i].copy_(rows.view_as(new[i]).to(new))
-        for s in range(len(self.components)):
-            set_requires_grad([self.components[s], self.keys[s], self.attention[s]], s == task)
+        super().begin_task(task)
 
-    def end_task(self, task: int, model: QueryPromptedModel, dataset: Any) -> None:
-        self.trained[task] = True
+    def task_parameters(self, task: int) -> list[nn.Parameter]:
+        return [self.components[task], self.keys[task], self.attention[task]]
 
 
 @STRATEGIES.register(
     "codaprompt", "CODA-Prompt: attention-weighted prompt components, sliced and frozen per task"
 )
-class CodaPrompt(ConfigurableStrategy):
+class CodaPrompt(QueryPromptStrategy):
     family = "codaprompt"
     OPTIONS = {
         "pool_size": Option(100, int, "prompt components over all tasks", minimum=1),
         "prompt_length": Option(8, int, "tokens per prompt", minimum=1),
-        "layers": Option("0,1,2,3,4", str, "cross-modal layers given a prompt"),
+        "layers": layers_option("0,1,2,3,4", "cross-modal layers given a prompt"),
         "ortho_mu": Option(0.1, float, "weight of the orthogonality penalty", minimum=0),
-        "trainable_head": trainable_head_option("out", "head layers trained with the prompts"),
+        "trainable_head": TRAINABLE_HEAD,
     }
 
-    def check(self) -> None:
-        self.layers = normalise_layer_option(self, "layers")
-
-    def build(self, ctx: StrategyContext) -> Any:
-        backbone = require_mult("codaprompt", ctx.model)
-        check_layers_exist("codaprompt", "layers", self.layers, backbone.config.layers)
+    def make_prompts(self, backbone: MulT, ctx: StrategyContext) -> LayerPrompts:
         num_tasks = len(ctx.stream.tasks)
         per_task = self.opt("pool_size") // max(num_tasks, 1)
         if per_task < 1:
@@ -211,15 +198,4 @@ class CodaPrompt(ConfigurableStrategy):
                 f"initialisation in {room} dimensions (min of the query width {query_dim} and "
                 f"prompt_length * d); lower pool_size"
             )
-        prompts = CodaPrompts(
-            num_tasks,
-            per_task,
-            self.layers,
-            self.opt("prompt_length"),
-            width,
-            query_dim,
-            self.opt("ortho_mu"),
-        )
-        model = QueryPromptedModel(backbone, prompts, self.opt("trainable_head"))
-        self.model = model
-        return make_prompt_template(model, ctx, plugins=[make_task_plugin(model)])
+        return CodaPrompts(backbone, num_tasks, per_task, self.settings())

@@ -32,130 +32,89 @@ Adaptations to MulT:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from cmmm.errors import ConfigError
-from cmmm.options import ConfigurableStrategy, Option
+from cmmm.backbone import MulT
+from cmmm.options import Option
 from cmmm.prompt_kit import (
+    TRAINABLE_HEAD,
     LayerPrompts,
-    QueryPromptedModel,
+    QueryPromptStrategy,
     Selection,
-    check_layers_exist,
+    TaskPrompts,
     cosine_matrix,
-    make_task_plugin,
-    normalise_layer_option,
-    require_mult,
-    trainable_head_option,
+    layers_option,
     uniform_parameter,
 )
-from cmmm.prompted_model import make_prompt_template, set_requires_grad
 from cmmm.strategy import STRATEGIES, StrategyContext
 
 
-class DualPromptPrompts(LayerPrompts):
-    def __init__(
-        self,
-        num_tasks: int,
-        g_layers: Sequence[int],
-        e_layers: Sequence[int],
-        g_length: int,
-        e_length: int,
-        width: int,
-        query_dim: int,
-        pull_lambda: float,
-    ) -> None:
-        super().__init__()
-        self.g_layers = tuple(g_layers)
-        self.e_layers = tuple(e_layers)
-        self.pull_lambda = pull_lambda
-        self.g_prompt = uniform_parameter(len(self.g_layers), g_length, width)
-        # One parameter per task, so that an old task's E-prompt and key can be frozen.
-        self.e_prompt = nn.ParameterList(
-            uniform_parameter(len(self.e_layers), e_length, width) for _ in range(num_tasks)
-        )
-        self.key = nn.ParameterList(uniform_parameter(query_dim) for _ in range(num_tasks))
-        self.register_buffer("trained", torch.zeros(num_tasks, dtype=torch.bool))
+class DualPromptPrompts(TaskPrompts):
+    """The G-prompt, and per task an E-prompt and its key (the part that trains with its task;
+    the G-prompt is shared by all tasks and always trains)."""
 
-    def keys(self) -> Tensor:
-        return torch.stack(list(self.key))
+    def __init__(self, backbone: MulT, num_tasks: int, options: Mapping[str, Any]) -> None:
+        super().__init__(num_tasks)
+        self.g_layers: tuple[int, ...] = options["g_layers"]
+        self.e_layers: tuple[int, ...] = options["e_layers"]
+        self.pull_lambda: float = options["pull_lambda"]
+        width = backbone.config.d_model
+        self.g_prompt = uniform_parameter(len(self.g_layers), options["g_length"], width)
+        # One parameter per task, so that an old task's E-prompt and key can be frozen.
+        e_shape = (len(self.e_layers), options["e_length"], width)
+        self.e_prompt = nn.ParameterList(uniform_parameter(*e_shape) for _ in range(num_tasks))
+        self.key = nn.ParameterList(
+            uniform_parameter(backbone.feature_dim) for _ in range(num_tasks)
+        )
+
+    def task_parameters(self, task: int) -> list[nn.Parameter]:
+        return [self.e_prompt[task], self.key[task]]
 
     def nearest_task(self, query: Tensor) -> Tensor:
         """(B,) index of the nearest key (cosine) among the trained tasks' keys."""
-        similarity = cosine_matrix(query, self.keys())
+        similarity = cosine_matrix(query, torch.stack(list(self.key)))
         if bool(self.trained.any()):
             similarity = similarity.masked_fill(~self.trained[None, :], float("-inf"))
         return similarity.argmax(dim=1)
 
     def select(self, query: Tensor, task: int | None) -> Selection:
         batch = query.shape[0]
+        tasks = self.tasks_of(query, task)
         aux = None
-        if task is None:
-            tasks = self.nearest_task(query)
-        else:
-            tasks = torch.full((batch,), task, dtype=torch.long, device=query.device)
+        if task is not None:
             cos = cosine_matrix(query, self.key[task].unsqueeze(0))[:, 0]
             aux = self.pull_lambda * (1.0 - cos).mean()
         prompts: dict[int, Tensor] = {}
         for i, layer in enumerate(self.g_layers):
             prompts[layer] = self.g_prompt[i].unsqueeze(0).expand(batch, -1, -1)
         # (B, e_layers, L_e, d): one slice per (task, layer), indexed, never reshaped.
-        if task is None:
-            e_prompts = torch.stack(list(self.e_prompt))[tasks]
-        else:
-            e_prompts = self.e_prompt[task].unsqueeze(0).expand(batch, -1, -1, -1)
+        e_prompts = self.per_sample(self.e_prompt, tasks, task)
         for i, layer in enumerate(self.e_layers):
             e = e_prompts[:, i]
             prompts[layer] = torch.cat([prompts[layer], e], dim=1) if layer in prompts else e
         return Selection(prompts, aux, tasks)
 
-    def begin_task(self, task: int) -> None:
-        # Only the current task's E-prompt and key train; the G-prompt is shared by all tasks.
-        for t, (prompt, key) in enumerate(zip(self.e_prompt, self.key, strict=True)):
-            set_requires_grad([prompt, key], t == task)
-
-    def end_task(self, task: int, model: QueryPromptedModel, dataset: Any) -> None:
-        self.trained[task] = True
-
 
 @STRATEGIES.register(
     "dualprompt", "DualPrompt: a shared G-prompt and per-task E-prompts picked by key at test"
 )
-class DualPrompt(ConfigurableStrategy):
+class DualPrompt(QueryPromptStrategy):
     family = "dualprompt"
     OPTIONS = {
         "g_length": Option(5, int, "G-prompt tokens per layer", minimum=1),
-        "g_layers": Option("0,1", str, "cross-modal layers of the G-prompt"),
+        "g_layers": layers_option("0,1", "cross-modal layers of the G-prompt"),
         "e_length": Option(5, int, "E-prompt tokens per layer", minimum=1),
-        "e_layers": Option("2,3,4", str, "cross-modal layers of the E-prompts"),
+        "e_layers": layers_option("2,3,4", "cross-modal layers of the E-prompts"),
         "pull_lambda": Option(1.0, float, "weight of the key pull term", minimum=0),
-        "trainable_head": trainable_head_option("out", "head layers trained with the prompts"),
+        "trainable_head": TRAINABLE_HEAD,
     }
+    LAYER_OPTIONS = ("g_layers", "e_layers")
+    g_layers: tuple[int, ...]
+    e_layers: tuple[int, ...]
 
-    def check(self) -> None:
-        self.g_layers = normalise_layer_option(self, "g_layers")
-        self.e_layers = normalise_layer_option(self, "e_layers")
-
-    def build(self, ctx: StrategyContext) -> Any:
-        backbone = require_mult("dualprompt", ctx.model)
-        for name, layers in (("g_layers", self.g_layers), ("e_layers", self.e_layers)):
-            check_layers_exist("dualprompt", name, layers, backbone.config.layers)
-        num_tasks = len(ctx.stream.tasks)
-        if num_tasks < 1:
-            raise ConfigError("dualprompt: the stream has no task")
-        prompts = DualPromptPrompts(
-            num_tasks,
-            self.g_layers,
-            self.e_layers,
-            self.opt("g_length"),
-            self.opt("e_length"),
-            backbone.config.d_model,
-            backbone.feature_dim,
-            self.opt("pull_lambda"),
-        )
-        model = QueryPromptedModel(backbone, prompts, self.opt("trainable_head"))
-        self.model = model
-        return make_prompt_template(model, ctx, plugins=[make_task_plugin(model)])
+    def make_prompts(self, backbone: MulT, ctx: StrategyContext) -> LayerPrompts:
+        return DualPromptPrompts(backbone, self.task_count(ctx), self.settings())

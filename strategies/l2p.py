@@ -1,6 +1,6 @@
 """L2P (Wang et al., CVPR 2022) on the frozen MulT. The pieces the query-based prompt baselines
-share (the frozen query, ``Selection``, ``LayerPrompts``, ``QueryPromptedModel``, the task plugin)
-are ``cmmm.prompt_kit``'s.
+share (the frozen query, ``Selection``, ``LayerPrompts``, ``QueryPromptedModel``, the task plugin,
+``QueryPromptStrategy``) are ``cmmm.prompt_kit``'s.
 
 L2P: a pool of prompts, each with a learnable key. The query is the frozen backbone's pooled
 feature of the input without any prompt (``MulT.forward_features``, 180-d for three modalities,
@@ -39,52 +39,36 @@ transformers instead of one ViT):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor
 
-from cmmm.errors import ConfigError
-from cmmm.options import ConfigurableStrategy, Option
+from cmmm.backbone import MulT
+from cmmm.options import Option
 from cmmm.prompt_kit import (
+    TRAINABLE_HEAD,
     LayerPrompts,
-    QueryPromptedModel,
+    QueryPromptStrategy,
     Selection,
-    check_layers_exist,
     cosine_matrix,
-    make_task_plugin,
-    normalise_layer_option,
-    require_mult,
-    trainable_head_option,
+    layers_option,
     uniform_parameter,
 )
-from cmmm.prompted_model import make_prompt_template
 from cmmm.strategy import STRATEGIES, StrategyContext
-
-# ------------------------------------------------------------------------------------------------
-# L2P
-# ------------------------------------------------------------------------------------------------
 
 
 class L2PPrompts(LayerPrompts):
     """A pool of ``pool_size`` prompts ((layers, L, d) each) with keys of the query's width."""
 
-    def __init__(
-        self,
-        layers: Sequence[int],
-        pool_size: int,
-        length: int,
-        width: int,
-        query_dim: int,
-        top_k: int,
-        pull_lambda: float,
-    ) -> None:
+    def __init__(self, backbone: MulT, options: Mapping[str, Any]) -> None:
         super().__init__()
-        self.layers = tuple(layers)
-        self.top_k = top_k
-        self.pull_lambda = pull_lambda
-        self.prompt = uniform_parameter(pool_size, len(self.layers), length, width)
-        self.key = uniform_parameter(pool_size, query_dim)
+        self.layers: tuple[int, ...] = options["layers"]
+        self.top_k: int = options["top_k"]
+        self.pull_lambda: float = options["pull_lambda"]
+        pool, length = options["pool_size"], options["prompt_length"]
+        self.prompt = uniform_parameter(pool, len(self.layers), length, backbone.config.d_model)
+        self.key = uniform_parameter(pool, backbone.feature_dim)
 
     def select(self, query: Tensor, task: int | None) -> Selection:
         similarity = cosine_matrix(query, self.key)  # (B, pool)
@@ -100,37 +84,20 @@ class L2PPrompts(LayerPrompts):
 
 
 @STRATEGIES.register("l2p", "L2P: a prompt pool with learnable keys picked by the frozen query")
-class LearningToPrompt(ConfigurableStrategy):
+class LearningToPrompt(QueryPromptStrategy):
     family = "l2p"
     OPTIONS = {
         "pool_size": Option(10, int, "number of prompts in the pool", minimum=1),
         "prompt_length": Option(5, int, "tokens per prompt", minimum=1),
         "top_k": Option(5, int, "prompts selected per sample", minimum=1),
-        "layers": Option("0", str, "cross-modal layers given the selected prompts"),
+        "layers": layers_option("0", "cross-modal layers given the selected prompts"),
         "pull_lambda": Option(0.1, float, "weight of the key pull term", minimum=0),
-        "trainable_head": trainable_head_option("out", "head layers trained with the prompts"),
+        "trainable_head": TRAINABLE_HEAD,
     }
 
     def check(self) -> None:
-        self.layers = normalise_layer_option(self, "layers")
-        if self.opt("top_k") > self.opt("pool_size"):
-            raise ConfigError(
-                f"l2p: top_k ({self.opt('top_k')}) cannot exceed pool_size "
-                f"({self.opt('pool_size')})"
-            )
+        super().check()
+        self.require_at_most("top_k", "pool_size")
 
-    def build(self, ctx: StrategyContext) -> Any:
-        backbone = require_mult("l2p", ctx.model)
-        check_layers_exist("l2p", "layers", self.layers, backbone.config.layers)
-        prompts = L2PPrompts(
-            self.layers,
-            self.opt("pool_size"),
-            self.opt("prompt_length"),
-            backbone.config.d_model,
-            backbone.feature_dim,
-            self.opt("top_k"),
-            self.opt("pull_lambda"),
-        )
-        model = QueryPromptedModel(backbone, prompts, self.opt("trainable_head"))
-        self.model = model
-        return make_prompt_template(model, ctx, plugins=[make_task_plugin(model)])
+    def make_prompts(self, backbone: MulT, ctx: StrategyContext) -> LayerPrompts:
+        return L2PPrompts(backbone, self.settings())

@@ -46,25 +46,25 @@ Reconstructed for MulT (the backbone is not modified; prompts enter through its 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from cmmm.backbone import MulT, PromptContext, PromptSite
-from cmmm.errors import ConfigError
-from cmmm.options import ConfigurableStrategy, Option
+from cmmm.backbone import MulT, PromptSite
+from cmmm.options import Option
 from cmmm.prompt_kit import (
+    TRAINABLE_HEAD,
+    PromptStrategy,
+    SitePrompts,
     SiteTokens,
-    check_layers_exist,
     cosine_matrix,
     frozen_site_tokens,
-    normalise_layer_option,
-    require_mult,
-    trainable_head_option,
+    layers_option,
+    missing_or_every,
 )
-from cmmm.prompted_model import PromptedModel, make_prompt_template
+from cmmm.prompted_model import PromptedModel
 from cmmm.strategy import STRATEGIES, StrategyContext
 
 
@@ -77,42 +77,26 @@ def retrieve(memory: Tensor, keys: Tensor, query: Tensor, top_n: int) -> Tensor:
     return torch.einsum("bn,bnld->bld", weights, memory[top.indices])
 
 
-def relevant_modalities(presence: Tensor) -> Tensor:
-    """(B, M) 0/1: which modalities' shared prompts a sample sums, its missing ones, or every
-    modality when none is missing."""
-    missing = (presence < 0.5).to(presence.dtype)
-    complete = missing.sum(dim=1, keepdim=True) == 0
-    return torch.where(complete, torch.ones_like(missing), missing)
-
-
 def _key(modality: str, layer: int) -> str:
     return f"{modality}_{layer}"
 
 
-class MemPromptPrompts(nn.Module):
+class MemPromptPrompts(SitePrompts):
     """Prompt memories, keys, shared prompts and bottleneck maps per (modality, layer)."""
 
-    def __init__(
-        self,
-        modalities: Sequence[str],
-        layers: Sequence[int],
-        width: int,
-        memory_size: int,
-        top_n: int,
-        prompt_length: int,
-        shared_length: int,
-        bottleneck: int,
-    ) -> None:
+    def __init__(self, backbone: MulT, options: Mapping[str, Any]) -> None:
         super().__init__()
-        self.modalities = tuple(modalities)
-        self.layers = tuple(layers)
-        self.top_n = top_n
+        self.modalities = tuple(backbone.layout.modalities)
+        self.layers: tuple[int, ...] = options["layers"]
+        self.top_n: int = options["top_n"]
+        width, memory_size = backbone.config.d_model, options["memory_size"]
+        bottleneck = max(1, width // options["bottleneck_ratio"])
         self.memory = nn.ParameterDict()
         self.keys = nn.ParameterDict()
         self.maps = nn.ModuleDict()
         for m in self.modalities:
             for layer in self.layers:
-                memory = torch.empty(memory_size, prompt_length, width)
+                memory = torch.empty(memory_size, options["prompt_length"], width)
                 keys = torch.empty(memory_size, width)
                 nn.init.kaiming_normal_(memory, a=math.sqrt(5))
                 nn.init.kaiming_normal_(keys, a=math.sqrt(5))
@@ -120,16 +104,10 @@ class MemPromptPrompts(nn.Module):
                 self.keys[_key(m, layer)] = nn.Parameter(keys)
                 self.maps[_key(m, layer)] = self._bottleneck(width, bottleneck)
         # Per layer, the shared prompts of every modality stacked in layout order: (M, L_s, d).
+        shared = (len(self.modalities), options["shared_length"], width)
         self.shared = nn.ParameterDict(
-            {
-                str(layer): nn.Parameter(
-                    torch.randn(len(self.modalities), shared_length, width) * 0.02
-                )
-                for layer in self.layers
-            }
+            {str(layer): nn.Parameter(torch.randn(*shared) * 0.02) for layer in self.layers}
         )
-        # Site (target, source, layer) -> (B, L_s + L, d) prefix of the current batch.
-        self.current: dict[tuple[str, str, int], Tensor] | None = None
 
     @staticmethod
     def _bottleneck(width: int, hidden: int) -> nn.Sequential:
@@ -143,7 +121,8 @@ class MemPromptPrompts(nn.Module):
         self, tokens: SiteTokens, presence: Tensor
     ) -> dict[tuple[str, str, int], Tensor]:
         """Every prompted site's (B, L_s + L, d) prefix: [shared ; generative] of its source."""
-        relevance = relevant_modalities(presence)  # (B, M)
+        # The missing modalities' shared prompts, or every modality's for a complete sample.
+        relevance = missing_or_every(presence)  # (B, M)
         prompts = {}
         for layer in self.layers:
             shared_sum = torch.einsum("bm,mld->bld", relevance, self.shared[str(layer)])
@@ -158,34 +137,28 @@ class MemPromptPrompts(nn.Module):
                     prompts[(target, source, layer)] = torch.cat([shared, generative], dim=1)
         return prompts
 
-    def prompt_for(self, site: PromptSite, ctx: PromptContext) -> Tensor | None:
-        if not site.is_cross or self.current is None:
-            return None
-        assert site.source is not None
-        return self.current.get((site.target, site.source, site.layer))
+    def site_key(self, site: PromptSite) -> tuple[str, str | None, int] | None:
+        # The prompts of a cross-modal site (target, source, layer): [shared ; generative].
+        return (site.target, site.source, site.layer) if site.is_cross else None
 
 
 class MemPromptModel(PromptedModel):
     """Reads the frozen backbone's tokens at the prompted layers, builds every site's prompts
     from them, then runs the backbone with those prompts."""
 
-    def forward(self, x: Tensor) -> Tensor:
+    def prepare(self, x: Tensor) -> Tensor:
         prompts: MemPromptPrompts = self.prompts  # type: ignore[assignment]
         tokens = frozen_site_tokens(self.backbone, x, prompts.layers)
         _, presence = self.backbone.layout.unpack(x)
         prompts.current = prompts.site_prompts(tokens, presence)
-        try:
-            with self.backbone.using_prompt_hook(prompts.prompt_for):
-                return self.backbone(x)
-        finally:
-            prompts.current = None
+        return x
 
 
 @STRATEGIES.register(
     "memprompt",
     "MemPrompt: prompts retrieved from a per-modality memory plus mapped shared prompts",
 )
-class MemPrompt(ConfigurableStrategy):
+class MemPrompt(PromptStrategy):
     family = "memprompt"
     OPTIONS = {
         "memory_size": Option(
@@ -197,32 +170,14 @@ class MemPrompt(ConfigurableStrategy):
         "bottleneck_ratio": Option(
             16, int, "r of the shared prompts' d -> d/r -> d maps", minimum=1
         ),
-        "layers": Option("0,1,2", str, "cross-modal layers given prompts"),
-        "trainable_head": trainable_head_option("out", "head layers trained with the prompts"),
+        "layers": layers_option("0,1,2"),
+        "trainable_head": TRAINABLE_HEAD,
     }
 
     def check(self) -> None:
-        self.layers = normalise_layer_option(self, "layers")
-        if self.opt("top_n") > self.opt("memory_size"):
-            raise ConfigError(
-                f"memprompt: top_n ({self.opt('top_n')}) cannot exceed memory_size "
-                f"({self.opt('memory_size')})"
-            )
+        super().check()
+        self.require_at_most("top_n", "memory_size")
 
-    def build(self, ctx: StrategyContext) -> Any:
-        backbone: MulT = require_mult("memprompt", ctx.model)
-        check_layers_exist("memprompt", "layers", self.layers, backbone.config.layers)
-        width = backbone.config.d_model
-        prompts = MemPromptPrompts(
-            backbone.layout.modalities,
-            self.layers,
-            width,
-            self.opt("memory_size"),
-            self.opt("top_n"),
-            self.opt("prompt_length"),
-            self.opt("shared_length"),
-            max(1, width // self.opt("bottleneck_ratio")),
-        )
-        model = MemPromptModel(backbone, prompts, self.opt("trainable_head"))
-        self.model = model
-        return make_prompt_template(model, ctx)
+    def make_model(self, backbone: MulT, ctx: StrategyContext) -> PromptedModel:
+        prompts = MemPromptPrompts(backbone, self.settings())
+        return MemPromptModel(backbone, prompts, self.opt("trainable_head"))

@@ -25,15 +25,15 @@ reproduced: every method uses the runner's training protocol.
 Adaptations to MulT and to the prompt hook (the backbone is not modified):
 
 * The hook cannot replace the projected sequences the backbone computes inside ``forward``. So
-  generation and the missing-signal prompts work in each modality's raw feature space, by
-  wrapping: ``MPLMMModel.forward`` unpacks the packed input (``cmmm.data.packing``), writes the
-  generated raw (L_m, D_m) sequence into a missing modality's zero-filled block, adds S+/-_m
-  ((L_m, D_m) each) to every modality's block, packs the result with the original presence mask
-  and runs the backbone on it. The frozen projection W_m then maps them, so the backbone sees
-  W_m x_m + W_m S_m as MPLMM's proj(x_m) + S_m. When D_m >= d (W_m onto) this is an exact
-  reparametrisation of MPLMM's projected-space prompts; otherwise they are limited to the range of
-  W_m, as the projected features themselves are. The generator's width is D_m of the generated
-  modality (MPLMM's: d): f_(s->m) maps D_s -> D_m and G_m is P x D_m.
+  generation and the missing-signal prompts work in each modality's raw feature space, by wrapping:
+  ``MPLMMModel.prepare`` unpacks the packed input (``cmmm.data.packing``), writes the generated raw
+  (L_m, D_m) sequence into a missing modality's zero-filled block, adds S+/-_m ((L_m, D_m) each) to
+  every modality's block and packs the result with the original presence mask: the input the
+  backbone runs on. The frozen projection W_m then maps them, so the backbone sees W_m x_m + W_m S_m
+  as MPLMM's proj(x_m) + S_m. When D_m >= d (W_m onto) this is an exact reparametrisation of MPLMM's
+  projected-space prompts; otherwise they are limited to the range of W_m, as the projected features
+  themselves are. The generator's width is D_m of the generated modality (MPLMM's: d): f_(s->m) maps
+  D_s -> D_m and G_m is P x D_m.
 * The missing-type matrix uses W_m S+/-_m (the projected missing-signal prompts, (L_m, d)),
   exactly MPLMM's product on the projected prompts.
 * MPLMM appends the missing-type prompt as tokens to the memory transformer's input (and reads
@@ -49,24 +49,23 @@ Adaptations to MulT and to the prompt hook (the backbone is not modified):
 from __future__ import annotations
 
 import itertools
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cmmm.backbone import MulT, PromptContext, PromptSite
+from cmmm.backbone import MulT, PromptSite
 from cmmm.data.patterns import all_patterns
 from cmmm.errors import ConfigError
-from cmmm.options import ConfigurableStrategy, Option, parse_layers
-from cmmm.prompt_kit import require_mult, trainable_head_option
-from cmmm.prompted_model import PromptedModel, make_prompt_template
+from cmmm.options import Option, parse_layers
+from cmmm.prompt_kit import TRAINABLE_HEAD, PromptStrategy, SitePrompts
+from cmmm.prompted_model import PromptedModel
 from cmmm.strategy import STRATEGIES, StrategyContext
 
 INITS = ("uniform", "normal")
 
 
-class MPLMMPrompts(nn.Module):
+class MPLMMPrompts(SitePrompts):
     def __init__(self, backbone: MulT, length: int, type_layers: tuple[int, ...], init: str):
         super().__init__()
         layout = backbone.layout
@@ -111,8 +110,6 @@ class MPLMMPrompts(nn.Module):
         for i, p in enumerate(self.patterns):
             lookup[sum(1 << b for b, present in enumerate(p) if present)] = i
         self.register_buffer("_lookup", lookup, persistent=False)
-        # Memory site (target, layer) -> (B, P, W) prompt of the current batch.
-        self.current: dict[tuple[str, int], Tensor] | None = None
 
     def block(self, m: str) -> tuple[int, int]:
         """(L_m, D_m): the shape of modality m's sequence."""
@@ -194,10 +191,9 @@ class MPLMMPrompts(nn.Module):
         cases = self.case_matrices(projections)[self.pattern_indices(presence)]  # (B, d, W)
         return {t: torch.matmul(self.missing_type[t], cases) for t in self.modalities}
 
-    def prompt_for(self, site: PromptSite, ctx: PromptContext) -> Tensor | None:
-        if site.is_cross or self.current is None:
-            return None
-        return self.current.get((site.target, site.layer))
+    def site_key(self, site: PromptSite) -> tuple[str, int] | None:
+        # A memory site (target, layer) gets its target's missing-type prompt (B, P, W).
+        return None if site.is_cross else (site.target, site.layer)
 
 
 class MPLMMModel(PromptedModel):
@@ -214,7 +210,7 @@ class MPLMMModel(PromptedModel):
         blocks = [completed[m].reshape(x.shape[0], -1) for m in layout.modalities]
         return torch.cat([*blocks, presence], dim=1)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def prepare(self, x: Tensor) -> Tensor:
         prompts: MPLMMPrompts = self.prompts  # type: ignore[assignment]
         backbone = self.backbone
         _, presence = backbone.layout.unpack(x)
@@ -227,17 +223,13 @@ class MPLMMModel(PromptedModel):
             for t in backbone.layout.modalities
             for layer in prompts.type_layers
         }
-        try:
-            with backbone.using_prompt_hook(prompts.prompt_for):
-                return backbone(completed)
-        finally:
-            prompts.current = None
+        return completed
 
 
 @STRATEGIES.register(
     "mplmm", "MPLMM: generative, missing-signal and missing-type prompts on the frozen MulT"
 )
-class MPLMM(ConfigurableStrategy):
+class MPLMM(PromptStrategy):
     family = "mplmm"
     OPTIONS = {
         "prompt_length": Option(
@@ -245,8 +237,10 @@ class MPLMM(ConfigurableStrategy):
         ),
         "type_layers": Option("all", str, "memory layers given the missing-type prompt"),
         "init": Option("uniform", str, "prompt initialisation", choices=INITS),
-        "trainable_head": trainable_head_option("out", "head layers trained with the prompts"),
+        "trainable_head": TRAINABLE_HEAD,
     }
+    # type_layers are memory layers (or "all"), parsed here, not cross-modal ones.
+    LAYER_OPTIONS = ()
 
     def check(self) -> None:
         raw = str(self.opt("type_layers")).strip()
@@ -257,8 +251,7 @@ class MPLMM(ConfigurableStrategy):
             self.type_layers = parse_layers("mplmm", "type_layers", raw)
             self._values["type_layers"] = ",".join(map(str, self.type_layers))
 
-    def build(self, ctx: StrategyContext) -> Any:
-        backbone = require_mult("mplmm", ctx.model)
+    def make_model(self, backbone: MulT, ctx: StrategyContext) -> PromptedModel:
         available = backbone.config.self_layers
         layers = tuple(range(available)) if self.type_layers is None else self.type_layers
         if not layers:
@@ -269,6 +262,4 @@ class MPLMM(ConfigurableStrategy):
                 f"have layers 0..{available - 1}"
             )
         prompts = MPLMMPrompts(backbone, self.opt("prompt_length"), layers, self.opt("init"))
-        model = MPLMMModel(backbone, prompts, self.opt("trainable_head"))
-        self.model = model
-        return make_prompt_template(model, ctx)
+        return MPLMMModel(backbone, prompts, self.opt("trainable_head"))

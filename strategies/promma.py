@@ -58,7 +58,8 @@ Reconstructed (every weight below is an option; defaults [R] are this file's cho
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -67,15 +68,15 @@ from torch import Tensor, nn
 
 from cmmm.backbone import MulT, PromptContext, PromptSite
 from cmmm.errors import ConfigError
-from cmmm.options import ConfigurableStrategy, Option
+from cmmm.options import Option
 from cmmm.prompt_kit import (
-    check_layers_exist,
+    TRAINABLE_HEAD,
+    PromptStrategy,
+    aux_loss_plugin,
     frozen_query,
-    normalise_layer_option,
-    require_mult,
-    trainable_head_option,
+    layers_option,
 )
-from cmmm.prompted_model import PromptedModel, make_prompt_template
+from cmmm.prompted_model import PromptedModel
 from cmmm.strategy import STRATEGIES, StrategyContext
 
 WEIGHTINGS = ("mi", "uniform")
@@ -115,46 +116,47 @@ def frozen_output(backbone: MulT, x: Tensor) -> Tensor:
         backbone.training = was_training
 
 
+@dataclass
+class ProMMABatch:
+    """The current batch: (B, M) private-prompt scales c, (B, M, d) time-pooled projected inputs,
+    the evaluators' (B, M) logits (None without evaluators) and the presence mask, (target,
+    source) -> (B, L, d) cross-modal outputs as they are produced, and target -> (B, M-1) DPW
+    weights once computed."""
+
+    scales: Tensor
+    pooled: Tensor
+    logits: Tensor | None
+    presence: Tensor
+    cross_outputs: dict[tuple[str, str], Tensor] = field(default_factory=dict)
+    memory_weights: dict[str, Tensor] = field(default_factory=dict)
+
+
 class ProMMAPrompts(nn.Module):
     """Shared, private and per-level residual prompts, the evaluators and the MI critic; the
-    state of the current batch (scales, pooled inputs, cross-modal outputs) feeds ``prompt_for``."""
+    state of the current batch (``current``, a ``ProMMABatch``) feeds ``prompt_for``."""
 
-    def __init__(
-        self,
-        modalities: Sequence[str],
-        layers: Sequence[int],
-        memory_layers: int,
-        width: int,
-        length: int,
-        evaluator: bool,
-        weighting: str,
-    ) -> None:
+    def __init__(self, backbone: MulT, options: Mapping[str, Any]) -> None:
         super().__init__()
-        self.modalities = tuple(modalities)
-        self.layers = tuple(layers)
-        self.width = width
+        self.modalities = tuple(backbone.layout.modalities)
+        self.layers: tuple[int, ...] = options["layers"]
+        self.width = width = backbone.config.d_model
+        length, memory_layers = options["prompt_length"], backbone.config.self_layers
         n_mod, n_layers = len(self.modalities), len(self.layers)
         self.shared = nn.Parameter(torch.randn(n_layers, length, width) * 0.02)
         self.private = nn.Parameter(torch.randn(n_mod, n_layers, length, width) * 0.02)
         self.residual = nn.Parameter(torch.zeros(memory_layers, length, width))
         self.evaluators: nn.ModuleList | None = None
-        if evaluator:
+        if options["evaluator"]:
             self.evaluators = nn.ModuleList(
                 nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 1))
                 for _ in self.modalities
             )
         self.critic_output: nn.Linear | None = None
         self.critic_source: nn.Linear | None = None
-        if weighting == "mi":
+        if options["weighting"] == "mi":
             self.critic_output = nn.Linear(width, width, bias=False)
             self.critic_source = nn.Linear(width, width, bias=False)
-        # The current batch: (B, M) private-prompt scales c, (B, M, d) time-pooled projected
-        # inputs, (target, source) -> (B, L, d) cross-modal outputs as they are produced, and
-        # target -> (B, M-1) DPW weights once computed.
-        self.scales: Tensor | None = None
-        self.pooled: Tensor | None = None
-        self.cross_outputs: dict[tuple[str, str], Tensor] = {}
-        self.memory_weights: dict[str, Tensor] = {}
+        self.current: ProMMABatch | None = None
 
     # --- MME -----------------------------------------------------------------------------------
 
@@ -191,20 +193,21 @@ class ProMMAPrompts(nn.Module):
 
     def dynamic_weights(self, target: str) -> Tensor:
         """(B, M-1) omega of the sources of ``target`` (layout order), detached."""
-        if target not in self.memory_weights:
-            assert self.pooled is not None
+        batch = self.current
+        assert batch is not None
+        if target not in batch.memory_weights:
             sources = [i for i, s in enumerate(self.modalities) if s != target]
             if self.critic_output is None:
-                weights = self.pooled.new_ones(len(self.pooled), len(sources))
+                weights = batch.pooled.new_ones(len(batch.pooled), len(sources))
             else:
                 with torch.no_grad():
                     scores = []
                     for i in sources:
-                        u = self.cross_outputs[(target, self.modalities[i])].mean(dim=1)
-                        scores.append(self.critic_scores(u, self.pooled[:, i]).diagonal())
+                        u = batch.cross_outputs[(target, self.modalities[i])].mean(dim=1)
+                        scores.append(self.critic_scores(u, batch.pooled[:, i]).diagonal())
                     weights = len(sources) * torch.stack(scores, dim=1).softmax(dim=1)
-            self.memory_weights[target] = weights
-        return self.memory_weights[target]
+            batch.memory_weights[target] = weights
+        return batch.memory_weights[target]
 
     # --- auxiliary losses ----------------------------------------------------------------------
 
@@ -219,15 +222,18 @@ class ProMMAPrompts(nn.Module):
     def critic_loss(self, presence: Tensor) -> Tensor | None:
         """InfoNCE of the critic over every (target, source) with two or more samples where the
         source is present; None when there is none."""
-        if self.critic_output is None or self.pooled is None:
+        batch = self.current
+        if self.critic_output is None or batch is None:
             return None
         terms = []
-        for (_, source), output in self.cross_outputs.items():
+        for (_, source), output in batch.cross_outputs.items():
             index = self.modalities.index(source)
             rows = presence[:, index] > 0.5
             if int(rows.sum()) < 2:
                 continue
-            scores = self.critic_scores(output[rows].mean(dim=1).detach(), self.pooled[rows, index])
+            scores = self.critic_scores(
+                output[rows].mean(dim=1).detach(), batch.pooled[rows, index]
+            )
             labels = torch.arange(len(scores), device=scores.device)
             terms.append(F.cross_entropy(scores, labels))
         return torch.stack(terms).mean() if terms else None
@@ -235,7 +241,7 @@ class ProMMAPrompts(nn.Module):
     # --- the hook ------------------------------------------------------------------------------
 
     def prompt_for(self, site: PromptSite, ctx: PromptContext) -> Tensor | None:
-        if self.scales is None:
+        if self.current is None:
             return None
         batch = ctx.batch_size
         if site.is_cross:
@@ -243,7 +249,7 @@ class ProMMAPrompts(nn.Module):
                 return None
             j = self.layers.index(site.layer)
             s = self.modalities.index(site.source)  # type: ignore[arg-type]
-            private = self.scales[:, s, None, None] * self.private[s, j]
+            private = self.current.scales[:, s, None, None] * self.private[s, j]
             return torch.cat([self.shared[j].expand(batch, -1, -1), private], dim=1)
         if site.layer >= len(self.residual):
             return None
@@ -266,7 +272,6 @@ class ProMMAModel(PromptedModel):
     ) -> None:
         super().__init__(backbone, prompts, trainable_head)
         self.loss_weights = loss_weights
-        self.aux_loss: Tensor | None = None
         self.last_terms: dict[str, Tensor] = {}
 
     def pooled_inputs(self, x: Tensor) -> Tensor:
@@ -306,26 +311,28 @@ class ProMMAModel(PromptedModel):
             terms.append(F.binary_cross_entropy_with_logits(logits[rows, i], target))
         return torch.stack(terms).mean()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def prepare(self, x: Tensor) -> Tensor:
         prompts: ProMMAPrompts = self.prompts  # type: ignore[assignment]
-        backbone = self.backbone
-        _, presence = backbone.layout.unpack(x)
+        _, presence = self.backbone.layout.unpack(x)
         pooled = self.pooled_inputs(x)
         logits = prompts.evaluator_logits(pooled, presence)
-        prompts.scales = prompts.private_scales(presence, logits)
-        prompts.pooled = pooled
-        try:
-            # The recording fills cross_outputs before any memory site is asked for its prompt.
-            with backbone.recording() as recording, backbone.using_prompt_hook(prompts.prompt_for):
-                prompts.cross_outputs = recording.cross_outputs
-                output = backbone(x)
-            # Before the auxiliary loss: its frozen passes must not overwrite the outputs.
-            prompts.cross_outputs = dict(recording.cross_outputs)
-            self.aux_loss = self.auxiliary_loss(x, logits, presence) if self.training else None
-            return output
-        finally:
-            prompts.scales, prompts.pooled = None, None
-            prompts.cross_outputs, prompts.memory_weights = {}, {}
+        scales = prompts.private_scales(presence, logits)
+        prompts.current = ProMMABatch(scales, pooled, logits, presence)
+        return x
+
+    def run(self, x: Tensor) -> Tensor:
+        batch: ProMMABatch = self.prompts.current  # type: ignore[assignment]
+        # The recording fills cross_outputs before any memory site is asked for its prompt.
+        with self.backbone.recording() as recording:
+            batch.cross_outputs = recording.cross_outputs
+            output = self.backbone(x)
+        # Before the auxiliary loss: its frozen passes must not overwrite the outputs.
+        batch.cross_outputs = dict(recording.cross_outputs)
+        if self.training:
+            self.aux_loss = self.auxiliary_loss(x, batch.logits, batch.presence)
+        else:
+            self.aux_loss = None
+        return output
 
     def auxiliary_loss(self, x: Tensor, logits: Tensor | None, presence: Tensor) -> Tensor | None:
         prompts: ProMMAPrompts = self.prompts  # type: ignore[assignment]
@@ -347,61 +354,28 @@ class ProMMAModel(PromptedModel):
         return total
 
 
-def make_aux_loss_plugin(model: ProMMAModel) -> Any:
-    """Adds the model's weighted auxiliary terms to every training minibatch's loss."""
-    from avalanche.core import SupervisedPlugin
-
-    class ProMMAAuxLoss(SupervisedPlugin):
-        # Adds this minibatch's auxiliary losses; nothing carries over between experiences.
-        stateless_between_experiences = True
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.last_aux: Tensor | None = None
-
-        def before_backward(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
-            if model.aux_loss is not None:
-                self.last_aux = model.aux_loss.detach()
-                strategy.loss = strategy.loss + model.aux_loss
-                model.aux_loss = None
-
-    return ProMMAAuxLoss()
-
-
 @STRATEGIES.register(
     "promma",
     "ProMMA (rebuilt from its abstract): evaluated private prompts, MI-weighted memory prompts",
 )
-class ProMMA(ConfigurableStrategy):
+class ProMMA(PromptStrategy):
     family = "promma"
     OPTIONS = {
         "prompt_length": Option(16, int, "tokens of every prompt", minimum=1),
-        "layers": Option("0,1,2", str, "cross-modal layers given shared and private prompts"),
+        "layers": layers_option("0,1,2", "cross-modal layers given shared and private prompts"),
         "ortho_weight": Option(0.1, float, "weight of the MiPD orthogonality penalty", minimum=0),
         "evaluator": Option(True, bool, "MME: scale a missing modality's prompt by e_m"),
         "evaluator_weight": Option(1.0, float, "weight of the evaluator's BCE", minimum=0),
         "weighting": Option("mi", str, "DPW weights of the memory prompts", choices=WEIGHTINGS),
         "mi_weight": Option(0.1, float, "weight of the MI critic's InfoNCE", minimum=0),
-        "trainable_head": trainable_head_option("out", "head layers trained with the prompts"),
+        "trainable_head": TRAINABLE_HEAD,
     }
 
-    def check(self) -> None:
-        self.layers = normalise_layer_option(self, "layers")
-
-    def build(self, ctx: StrategyContext) -> Any:
-        backbone = require_mult("promma", ctx.model)
-        check_layers_exist("promma", "layers", self.layers, backbone.config.layers)
-        prompts = ProMMAPrompts(
-            backbone.layout.modalities,
-            self.layers,
-            backbone.config.self_layers,
-            backbone.config.d_model,
-            self.opt("prompt_length"),
-            self.opt("evaluator"),
-            self.opt("weighting"),
-        )
+    def make_model(self, backbone: MulT, ctx: StrategyContext) -> PromptedModel:
+        prompts = ProMMAPrompts(backbone, self.settings())
         weights = {k: self.opt(k) for k in ("ortho_weight", "evaluator_weight", "mi_weight")}
-        model = ProMMAModel(backbone, prompts, self.opt("trainable_head"), weights)
-        plugin = make_aux_loss_plugin(model)
-        self.model, self.plugin = model, plugin
-        return make_prompt_template(model, ctx, plugins=[plugin])
+        return ProMMAModel(backbone, prompts, self.opt("trainable_head"), weights)
+
+    def make_plugins(self, model: Any) -> list[Any]:
+        # The model weighs its terms itself (loss_weights); the plugin adds their sum.
+        return [aux_loss_plugin(model)]

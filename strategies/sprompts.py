@@ -25,41 +25,42 @@ Adaptations to MulT:
   one (a random head would throw away the pre-trained read-out; regression streams have a single
   output). "all" copies the whole head (``proj1``, ``proj2``, ``out_layer``) per domain; "none"
   keeps the frozen shared head (prompts only).
-* K-means is this file's own (k-means++ seeding, Lloyd iterations, seeded by ``kmeans_seed``). A
-  domain with fewer training samples than ``n_centroids`` uses one centroid per sample.
+* K-means is ``cmmm.prompt_kit.kmeans`` (k-means++ seeding, Lloyd iterations, seeded by
+  ``kmeans_seed``). A domain with fewer training samples than ``n_centroids`` uses one centroid
+  per sample.
 * Regression needs nothing special: the domain's head outputs the prediction directly.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from cmmm.backbone import MulT
 from cmmm.errors import ConfigError
-from cmmm.options import ConfigurableStrategy, Option
+from cmmm.options import Option
 from cmmm.prompt_kit import (
+    KMEANS_SEED,
     LayerPrompts,
     QueryPromptedModel,
+    QueryPromptStrategy,
     Selection,
-    check_layers_exist,
+    TaskPrompts,
+    frozen_inputs,
     frozen_query,
     kmeans,
-    make_task_plugin,
-    normalise_layer_option,
-    require_mult,
+    layers_option,
+    uniform_parameter,
 )
-from cmmm.prompted_model import make_prompt_template, set_requires_grad
+from cmmm.prompted_model import TRAINABLE_HEADS, set_requires_grad
 from cmmm.strategy import STRATEGIES, StrategyContext
 
 METRICS = ("l1", "l2")
-DOMAIN_HEADS = {"none": (), "out": ("out_layer",), "all": ("proj1", "proj2", "out_layer")}
 
 
 def nearest_domain(
@@ -75,61 +76,48 @@ def nearest_domain(
     return per_domain.argmin(dim=1)
 
 
-class SPromptsPrompts(LayerPrompts):
-    """Per-domain prompts (and heads), centroids and the nearest-centroid selection."""
+class SPromptsPrompts(TaskPrompts):
+    """Per domain a prompt and a head (the part that trains with its domain), its centroids, and
+    the nearest-centroid selection."""
 
-    def __init__(
-        self,
-        backbone: MulT,
-        num_domains: int,
-        layers: Sequence[int],
-        length: int,
-        n_centroids: int,
-        metric: str,
-        domain_head: str,
-        kmeans_seed: int,
-    ) -> None:
-        super().__init__()
+    def __init__(self, backbone: MulT, num_domains: int, options: Mapping[str, Any]) -> None:
+        super().__init__(num_domains)
         width = backbone.config.d_model
-        self.layers = tuple(layers)
-        self.metric = metric
-        self.domain_head = domain_head
-        self.kmeans_seed = kmeans_seed
-        bound = 1.0 / width**0.5  # nn.Linear(d, L)'s default weight initialisation
+        self.layers: tuple[int, ...] = options["layers"]
+        self.metric: str = options["metric"]
+        self.domain_head: str = options["domain_head"]
+        self.kmeans_seed: int = options["kmeans_seed"]
+        # nn.Linear(d, L)'s default weight initialisation, uniform(+-1/sqrt(d)).
+        shape = (len(self.layers), options["prompt_length"], width)
         self.prompt = nn.ParameterList(
-            nn.Parameter(torch.empty(len(self.layers), length, width).uniform_(-bound, bound))
-            for _ in range(num_domains)
+            uniform_parameter(*shape, bound=1.0 / width**0.5) for _ in range(num_domains)
         )
         # Per domain, copies of the chosen head layers, initialised from the pre-trained ones.
+        names = TRAINABLE_HEADS[self.domain_head]
         self.heads = nn.ModuleList(
-            nn.ModuleDict(
-                {name: copy.deepcopy(getattr(backbone, name)) for name in DOMAIN_HEADS[domain_head]}
-            )
+            nn.ModuleDict({name: copy.deepcopy(getattr(backbone, name)) for name in names})
             for _ in range(num_domains)
         )
         for head in self.heads:
             set_requires_grad(head.parameters(), True)
-        self.register_buffer(
-            "centroids", torch.zeros(num_domains, n_centroids, backbone.feature_dim)
-        )
-        self.register_buffer("trained", torch.zeros(num_domains, dtype=torch.bool))
+        centroids = torch.zeros(num_domains, options["n_centroids"], backbone.feature_dim)
+        self.register_buffer("centroids", centroids)
 
-    def domains(self, query: Tensor) -> Tensor:
+    def task_parameters(self, task: int) -> list[nn.Parameter]:
+        return [self.prompt[task], *self.heads[task].parameters()]
+
+    def nearest_task(self, query: Tensor) -> Tensor:
         """(B,) each sample's domain: the nearest centroid's (domain 0 before any training)."""
         if not bool(self.trained.any()):
             return torch.zeros(len(query), dtype=torch.long, device=query.device)
         return nearest_domain(F.normalize(query, dim=1), self.centroids, self.trained, self.metric)
 
     def select(self, query: Tensor, task: int | None) -> Selection:
-        batch = query.shape[0]
-        if task is None:
-            domains = self.domains(query)
-            chosen = torch.stack(list(self.prompt))[domains]  # (B, layers, L, d)
-        else:
-            domains = torch.full((batch,), task, dtype=torch.long, device=query.device)
-            chosen = self.prompt[task].unsqueeze(0).expand(batch, -1, -1, -1)
-        prompts = {layer: chosen[:, i] for i, layer in enumerate(self.layers)}
-        return Selection(prompts, None, domains)
+        domains = self.tasks_of(query, task)
+        chosen = self.per_sample(self.prompt, domains, task)  # (B, layers, L, d)
+        return Selection(
+            {layer: chosen[:, i] for i, layer in enumerate(self.layers)}, None, domains
+        )
 
     def head_layer(self, domain: int, name: str, backbone: MulT) -> nn.Module:
         head = self.heads[domain]
@@ -143,75 +131,53 @@ class SPromptsPrompts(LayerPrompts):
         for domain in domains.unique().tolist():
             rows = (domains == domain).nonzero().squeeze(1)
             f = features[rows]
-            proj1 = self.head_layer(domain, "proj1", backbone)
-            proj2 = self.head_layer(domain, "proj2", backbone)
-            out_layer = self.head_layer(domain, "out_layer", backbone)
+            proj1, proj2, out_layer = (
+                self.head_layer(domain, name, backbone) for name in TRAINABLE_HEADS["all"]
+            )
             hidden = F.dropout(F.relu(proj1(f)), backbone.config.out_dropout, training)
             outputs = outputs.index_copy(0, rows, out_layer(proj2(hidden) + f))
         return outputs
 
-    def begin_task(self, task: int) -> None:
-        for domain, (prompt, head) in enumerate(zip(self.prompt, self.heads, strict=True)):
-            set_requires_grad([prompt, *head.parameters()], domain == task)
-
     def end_task(self, task: int, model: QueryPromptedModel, dataset: Any) -> None:
-        features = []
-        device = next(model.backbone.parameters()).device
-        for batch in DataLoader(dataset, batch_size=256, shuffle=False):
-            features.append(frozen_query(model.backbone, batch[0].to(device)))
+        backbone = model.backbone
+        features = [frozen_query(backbone, x) for x in frozen_inputs(backbone, dataset)]
         points = F.normalize(torch.cat(features), dim=1)
         centroids = kmeans(points, self.centroids.shape[1], seed=self.kmeans_seed)
         # Fewer samples than centroids: repeat the first centroid (it changes no minimum).
         padded = centroids[:1].expand(self.centroids.shape[1], -1).clone()
         padded[: len(centroids)] = centroids
         self.centroids[task] = padded.to(self.centroids)
-        self.trained[task] = True
+        super().end_task(task, model, dataset)
 
 
 class SPromptsModel(QueryPromptedModel):
     """Per-sample head: the domain chosen by the selection picks the head as well."""
 
-    def output(self, features: Tensor, selection: Selection) -> Tensor:
+    def run(self, x: Tensor) -> Tensor:
         prompts: SPromptsPrompts = self.prompts  # type: ignore[assignment]
-        assert selection.choice is not None
-        return prompts.output(features, selection.choice, self.backbone, self.training)
+        assert self.last_choice is not None
+        features = self.backbone.forward_features(x)
+        output = prompts.output(features, self.last_choice, self.backbone, self.training)
+        return output.squeeze(1) if self.backbone.config.output_dim == 1 else output
 
 
 @STRATEGIES.register(
     "sprompts", "S-Prompts: a prompt and head per domain, picked by K-means centroids at test"
 )
-class SPrompts(ConfigurableStrategy):
+class SPrompts(QueryPromptStrategy):
     family = "sprompts"
     OPTIONS = {
         "prompt_length": Option(10, int, "tokens of each domain's prompt", minimum=1),
-        "layers": Option("0", str, "cross-modal layers given the domain's prompt"),
+        "layers": layers_option("0", "cross-modal layers given the domain's prompt"),
         "n_centroids": Option(5, int, "K-means centroids per domain", minimum=1),
         "metric": Option("l1", str, "distance to the centroids", choices=METRICS),
         "domain_head": Option(
-            "out", str, "head layers copied per domain", choices=tuple(DOMAIN_HEADS)
+            "out", str, "head layers copied per domain", choices=tuple(TRAINABLE_HEADS)
         ),
-        "kmeans_seed": Option(0, int, "seed of the K-means initialisation", minimum=0),
+        "kmeans_seed": KMEANS_SEED,
     }
+    # The shared head stays frozen: each domain trains its own copy (domain_head).
+    MODEL = SPromptsModel
 
-    def check(self) -> None:
-        self.layers = normalise_layer_option(self, "layers")
-
-    def build(self, ctx: StrategyContext) -> Any:
-        backbone = require_mult("sprompts", ctx.model)
-        check_layers_exist("sprompts", "layers", self.layers, backbone.config.layers)
-        num_domains = len(ctx.stream.tasks)
-        if num_domains < 1:
-            raise ConfigError("sprompts: the stream has no task")
-        prompts = SPromptsPrompts(
-            backbone,
-            num_domains,
-            self.layers,
-            self.opt("prompt_length"),
-            self.opt("n_centroids"),
-            self.opt("metric"),
-            self.opt("domain_head"),
-            self.opt("kmeans_seed"),
-        )
-        model = SPromptsModel(backbone, prompts, "none")
-        self.model = model
-        return make_prompt_template(model, ctx, plugins=[make_task_plugin(model)])
+    def make_prompts(self, backbone: MulT, ctx: StrategyContext) -> LayerPrompts:
+        return SPromptsPrompts(backbone, self.task_count(ctx), self.settings())

@@ -73,6 +73,39 @@ def test_core_and_plugins_keep_their_direction() -> None:
     assert violations(import_graph()) == []
 
 
+def strategy_imports(path: Path) -> set[str]:
+    """The ``strategies`` modules a strategy file imports, relative imports resolved."""
+    source = path.read_text(encoding="utf-8")
+    names = imported_modules(source)
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.level > 0:
+            # `from . import x` or `from .x import y` inside strategies/ names strategies.x.
+            base = "strategies" + (f".{node.module}" if node.module else "")
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return {n for n in names if package_of(n) == "strategies" and n != "strategies"}
+
+
+def test_no_strategy_module_imports_another() -> None:
+    """A method is one file: what two methods share lives in the core (``cmmm.prompt_kit``,
+    ``cmmm.replay_sizes``), never in another method's file."""
+    paths = sorted(p for p in (ROOT / "strategies").glob("*.py") if p.name != "__init__.py")
+    assert len(paths) >= 10
+    offending = {}
+    for path in paths:
+        own = module_name(path)
+        others = {m for m in strategy_imports(path) if m.split(".")[:2] != own.split(".")}
+        if others:
+            offending[own] = sorted(others)
+    assert offending == {}
+
+
+def test_a_relative_strategy_import_is_caught(tmp_path: Path) -> None:
+    source = tmp_path / "l2p.py"
+    source.write_text("from .sprompts import kmeans\nfrom . import dualprompt\n")
+    assert {"strategies.sprompts", "strategies.dualprompt"} <= strategy_imports(source)
+
+
 @pytest.mark.parametrize(
     ("module", "statement", "complaint"),
     [

@@ -13,9 +13,10 @@ import torch
 
 from cmmm.comparison import expand_strategies
 from cmmm.errors import ConfigError
+from cmmm.prompt_kit import missing_or_every
 from cmmm.running import prepare, run
 from cmmm.strategy import STRATEGIES
-from strategies.memprompt import relevant_modalities, retrieve
+from strategies.memprompt import retrieve
 from strategies.promma import evaluator_targets, orthogonality_penalty
 
 NAMES = ["memprompt", "aoept", "promma"]
@@ -229,7 +230,8 @@ def test_memprompt_retrieval_mixes_the_top_n_prompts_by_softmaxed_cosine() -> No
 
 def test_memprompt_sums_the_shared_prompts_of_the_missing_modalities(root, tiny_config_at) -> None:
     presence = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
-    assert relevant_modalities(presence).tolist() == [[1, 1, 1], [1, 0, 0], [0, 1, 1]]
+    assert missing_or_every(presence).tolist() == [[1, 1, 1], [1, 0, 0], [0, 1, 1]]
+    assert missing_or_every(presence, 0.25)[0].tolist() == [0.25, 0.25, 0.25]
     _, template, stream, _ = build(root, tiny_config_at, "memprompt")
     model = template.model
     prompts = model.prompts
