@@ -2,8 +2,8 @@
 
 The strategies and streams are modules that import torch (about two seconds); their names,
 descriptions, options and defaults change only with the code. ``python -m cmmm.listing`` writes
-the file from the live registries, and ``tests/test_startup.py`` fails when the file and the
-registries disagree, so the file cannot go stale unnoticed.
+the file from the live registries, and ``tests/test_cmmm/test_cli/test_startup.py`` fails when
+the file and the registries disagree, so the file cannot go stale unnoticed.
 """
 
 from __future__ import annotations

@@ -495,7 +495,7 @@ class OracleTaskIdentity:
     from the sample's own presence mask. "oracle" uses the pattern of the task the stream says the
     sample belongs to, i.e. in training. The runner's evaluator passes no task labels, so at test
     time "oracle" reads the presence mask too; on these streams every sample of a task carries
-    exactly that task's pattern, so the two coincide (tests/test_ours.py checks it).
+    exactly that task's pattern, so the two coincide (tests/test_strategies/test_ours.py checks it).
     """
 
     # For checkpoints: the identities are cleared after every forward.

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 # tiny run at a few seconds.
 torch.set_num_threads(1)
 
-# Property tests (tests/test_fuzz_*.py). Every example writes files and runs a loader, so
+# Property tests (tests/**/test_fuzz_*.py). Every example writes files and runs a loader, so
 # examples are slow by Hypothesis' standards: no deadline, and no health check about it.
 # "ci" (the default) draws the same examples on every run (derandomize, no example database): a
 # red CI run is reproduced by running the same command, and a green one stays green until the

@@ -1,6 +1,6 @@
 """Damaging valid files, and the property every loader must keep under damage.
 
-The fuzz tests (``tests/test_fuzz_*.py``) start from small valid files in the published formats
+The fuzz tests (``tests/**/test_fuzz_*.py``) start from small valid files in the published formats
 (``tests/pickle_fixtures.py``, ``tests/mosi_fixtures.py``), damage one of them with the
 strategies here, and hand the loader call to ``check_loader_outcome``: the loader either returns
 a dataset, which is allowed only if the damage can have left the input valid, or raises one of

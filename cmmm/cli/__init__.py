@@ -2,8 +2,9 @@
 
 One module per command group; the commands are registered here, in the order ``cmmm --help``
 shows them. Every command imports its heavy libraries (torch, Avalanche, Ray) inside its body, so
-``cmmm --help`` and ``cmmm list`` start without them (``tests/test_startup.py``). Errors end in one
-line, never a traceback (``cmmm.cli.common.reports_errors``).
+``cmmm --help`` and ``cmmm list`` start without them
+(``tests/test_cmmm/test_cli/test_startup.py``). Errors end in one line, never a traceback
+(``cmmm.cli.common.reports_errors``).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import pytest
 from cmmm.errors import DataError
 from cmmm.results import RESULTS_FILE, Results
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STORED = sorted((REPO / "experiments" / "results").rglob(RESULTS_FILE))
 
 

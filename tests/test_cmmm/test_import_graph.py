@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("cmmm", "strategies", "streams")
 # The one core module allowed to import the plug-in packages: it finds them.
 DISCOVERY_MODULE = "cmmm.discovery"

@@ -12,7 +12,7 @@ from cmmm.errors import ConfigError
 from cmmm.experiments import load_experiment, run_experiment
 from cmmm.strategy import STRATEGIES
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 TINY = """
 title = "tiny"

@@ -17,7 +17,7 @@ from cmmm.data.dataset import MultimodalDataset
 from cmmm.errors import ConfigError, DataError, DatasetNotFoundError
 from streams.mosi import MODALITIES, load_mosi, modality_file, mosi_cache_key
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _data_dir() -> Path:

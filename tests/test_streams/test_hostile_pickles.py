@@ -31,7 +31,7 @@ from cmmm.errors import DataError
 from streams.pickle_cache import cached_pickle_dataset, convert_in_child
 from streams.safe_pickle import PickleLimits, safe_load
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MAX_SECONDS = 10.0
 MAX_MEMORY_GROWTH = 200 * 2**20  # bytes of peak resident memory one load may add
 CHILD_CPU_SECONDS = 120

@@ -35,7 +35,7 @@ from cmmm.errors import CheckpointError
 from cmmm.running import RunConfig, RunStopped, prepare, run
 from cmmm.template_state import capture_template_state
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # The only results that may differ between two runs of one configuration: how long they took.
 TIMING_KEYS = ("wall_time_seconds", "train_time_seconds")
 # `ours` on the one-layer tiny backbone: every prompt type on layer 0.
@@ -407,7 +407,7 @@ def test_a_plugin_without_checkpoint_support_is_refused() -> None:
 
 @pytest.mark.parametrize("strategy", ["er-250", "l2p"])
 def test_same_seed_twice_gives_the_same_results(references, strategy: str) -> None:
-    """Beside tests/test_running.py's naive check: a replay method and a prompt method."""
+    """Beside tests/test_cmmm/test_running.py's naive check: a replay method and a prompt method."""
     expected, _ = references.results(strategy)
     perturb_global_rngs()
     again = run(references.config(strategy), log=quiet)

@@ -19,7 +19,7 @@ from cmmm.errors import ConfigError, DownloadError
 from streams.download import download_dataset
 from streams.mosi import LOADER_FILES, MOSI_FILES, load_mosi
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _data_dir() -> Path:

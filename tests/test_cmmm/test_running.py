@@ -24,7 +24,7 @@ from cmmm.running import RunConfig, run
 from streams.catalog import SYNTHETIC_DEFAULTS
 from streams.synthetic import SyntheticSpec, make_synthetic
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CODES = ["avt", "vt", "av", "at", "a", "v", "t"]
 
 

@@ -39,7 +39,7 @@ from cmmm.sweeping import (
     worker_runtime_env,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 
 # The tiny run settings of conftest's make_tiny_config that a sweep file repeats.
