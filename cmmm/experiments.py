@@ -518,14 +518,15 @@ def run_experiment(
     out: Path,
     log: Callable[[str], None] = print,
     figure: Path | None = None,
+    finished_only: bool = False,
 ) -> tuple[str, Path]:
     """Run or reuse every (row, seed); write the tables (and the figure); return the Markdown
-    and its path."""
+    and its path. ``finished_only``: run nothing, tabulate the finished runs."""
     if figure is not None:
         from cmmm.plotting import check_output
 
         check_output(figure)  # a wrong suffix fails before hours of runs, not after
-    outcomes = collect_outcomes(experiment, log)
+    outcomes = collect_outcomes(experiment, log, run_missing=not finished_only)
     table, markdown_path, _ = write_tables(experiment, outcomes, out)
     if figure is not None:
         from cmmm.plotting import save_figure

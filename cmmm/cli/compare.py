@@ -177,6 +177,10 @@ def experiment(
     ] = None,
     reference: ReferenceOption = None,
     headroom: HeadroomOption = True,
+    finished_only: Annotated[
+        bool,
+        typer.Option("--finished-only", help="run nothing: the table of the finished runs"),
+    ] = False,
 ) -> None:
     """Run (or reuse) every row of an experiment file for every seed; write a Markdown table."""
     from cmmm.experiments import run_experiment
@@ -185,7 +189,11 @@ def experiment(
         file, out, epochs, seeds, data_dir, cache_dir, reference=reference, headroom=headroom
     )
     table, path = run_experiment(
-        spec, out, log=lambda m: console.print(m, highlight=False), figure=plot
+        spec,
+        out,
+        log=lambda m: console.print(m, highlight=False),
+        figure=plot,
+        finished_only=finished_only,
     )
     print(table)
     console.print(f"table written to {path}", highlight=False)

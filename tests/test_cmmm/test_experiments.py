@@ -90,6 +90,15 @@ def test_run_writes_a_table_and_reuses_finished_runs(tmp_path: Path) -> None:
     assert sum("reusing" in m for m in messages) == 4
     assert not any(m.endswith(": running") for m in messages)
     assert figure.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    # --finished-only with one seed more than ran: the new seed is listed, never run.
+    experiment.seeds = [*experiment.seeds, 9]
+    messages.clear()
+    table, _ = run_experiment(
+        experiment, tmp_path / "runs", log=messages.append, finished_only=True
+    )
+    assert sum("not finished; not run" in m for m in messages) == 2
+    assert not any(m.endswith(": running") for m in messages)
+    experiment.seeds = experiment.seeds[:-1]
 
     # The figure plots each row's seed mean, in the file's order.
     from cmmm.comparison import run_or_reuse
