@@ -96,10 +96,12 @@ def test_task_specific_parameters_follow_each_form(benchmark) -> None:
         one_set = m * PROMPT_LENGTH * width  # one (L, d) prompt per target branch
         assert per_pattern.task_specific == (2**m - 1) * one_set
         assert composed.task_specific == 2 * m * one_set
-        # The two differ only in their task-specific prompts, and those are trained.
+        # The two differ in their task-specific prompts (all trained) and in ours' default
+        # output layer per pattern (a (1, M(M-1)d) regression layer and its bias each).
+        heads = (2**m - 1) * (m * (m - 1) * width + 1)
         assert (
             per_pattern.trainable - composed.trainable
-            == per_pattern.task_specific - composed.task_specific
+            == per_pattern.task_specific - composed.task_specific + heads
         )
 
 

@@ -433,9 +433,10 @@ def test_cli_text_option_becomes_a_stream_option(monkeypatch, tmp_path: Path) ->
     runner.invoke(app, [*common, "--text", "minilm"])
     runner.invoke(app, [*common, "--text", "utterance"])
     runner.invoke(app, common)
-    assert [c.stream_options for c in seen] == [{"text": "minilm"}, {}, {}]
+    # `cmmm run` hands the runner what cmmm.config.resolve returned (its .config is the run's).
+    assert [c.config.stream_options for c in seen] == [{"text": "minilm"}, {}, {}]
     # The default adds nothing, so runs from before --text keep their keys.
-    assert seen[1].key() == seen[2].key() != seen[0].key()
+    assert seen[1].config.key() == seen[2].config.key() != seen[0].config.key()
 
 
 # --------------------------------------------------------------------------------------------
