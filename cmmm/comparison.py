@@ -417,11 +417,6 @@ def run_or_reuse(
     go on; an unreadable results file is run again. With ``run_missing`` False an unfinished
     run is only reported (``missing``).
     """
-    from cmmm.config import complete
-
-    # Completed here too (it is idempotent), so the directory looked in is the one the run
-    # writes, whatever defaults the caller left unset (a strategy's changed option defaults).
-    config = complete(config)
     path = config.run_dir() / "results.json"
     result = read_results(path)
     if result is not None:

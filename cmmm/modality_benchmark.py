@@ -334,13 +334,16 @@ def benchmark_modalities(
         (
             m,
             strategy,
-            replace(
-                base,
-                strategy=strategy,
-                stream_options={
-                    **base.stream_options,
-                    **synthetic_modality_options(m, n_train, n_test),
-                },
+            # Completed per strategy: its changed option defaults belong to its run key.
+            complete(
+                replace(
+                    base,
+                    strategy=strategy,
+                    stream_options={
+                        **base.stream_options,
+                        **synthetic_modality_options(m, n_train, n_test),
+                    },
+                )
             ),
         )
         for m in modality_counts

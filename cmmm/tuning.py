@@ -22,9 +22,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from cmmm.comparison import HEADROOM_STRATEGIES, RunOutcome, run_or_reuse
+from cmmm.comparison import HEADROOM_STRATEGIES, RunOutcome
 from cmmm.errors import ConfigError
-from cmmm.experiments import Experiment, experiment_from_spec
+from cmmm.experiments import Experiment, collect_outcomes, experiment_from_spec
 from cmmm.results import Results
 from cmmm.running import RunConfig, atomic_write_text
 from cmmm.significance import difference_cell, interval_cell, paired_difference
@@ -282,11 +282,7 @@ def tune(
 ) -> tuple[str, dict[str, Any] | None]:
     """Run (or reuse) every candidate and seed, rank on validation, write ``OUT/<name>.md`` and
     ``OUT/<name>.chosen.json``; return the table and, per strategy, the chosen settings."""
-    outcomes: dict[str, list[RunOutcome]] = {row.label: [] for row in experiment.rows}
-    planned = experiment.planned_runs()
-    for index, run in enumerate(planned, start=1):
-        label = f"[{index}/{len(planned)}] {run.label} seed {run.seed}"
-        outcomes[run.label].append(run_or_reuse(run.config, label, log, not finished_only))
+    outcomes = collect_outcomes(experiment, log, run_missing=not finished_only)
     missing = sum(o.status == "missing" for found in outcomes.values() for o in found)
     ranked = rank_on_validation(experiment, outcomes)
     table = tune_table(experiment, ranked, command, missing)
