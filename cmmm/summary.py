@@ -47,6 +47,12 @@ class SeedStatistics:
     held_out_aa: list[float] = field(default_factory=list)
     # AA on the tasks' validation splits, of the seeds that recorded it: what to choose on.
     valid_aa: list[float] = field(default_factory=list)
+    # FM on the validation splits, of the seeds that recorded it.
+    valid_fm: list[float] = field(default_factory=list)
+    # Each seed's validation AA, what pairs with another configuration's when choosing.
+    valid_aa_by_seed: dict[int, float] = field(default_factory=dict)
+    # Trainable parameters as a share of the backbone (the first run's); None without runs.
+    trainable_share: float | None = None
     # Each seed's AA, what pairs with another row's.
     aa_by_seed: dict[int, float] = field(default_factory=dict)
     # Held-out pattern code -> its final accuracy, one per seed that has it.
@@ -73,6 +79,13 @@ class SeedStatistics:
                 r.held_out.aa for r in results if r.held_out and r.held_out.aa is not None
             ],
             valid_aa=[r.valid.aa for r in results if r.valid and r.valid.aa is not None],
+            valid_fm=[r.valid.fm for r in results if r.valid and r.valid.fm is not None],
+            valid_aa_by_seed={
+                r.seed: r.valid.aa for r in results if r.valid and r.valid.aa is not None
+            },
+            trainable_share=(
+                results[0].parameters.trainable_share_of_backbone if results else None
+            ),
             aa_by_seed={r.seed: r.aa for r in results if r.aa is not None},
             held_out_finals=held_out_finals,
             **extra,

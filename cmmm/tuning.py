@@ -25,9 +25,9 @@ from typing import Any
 from cmmm.comparison import HEADROOM_STRATEGIES, RunOutcome
 from cmmm.errors import ConfigError
 from cmmm.experiments import Experiment, collect_outcomes, experiment_from_spec
-from cmmm.results import Results
 from cmmm.running import RunConfig, atomic_write_text
-from cmmm.significance import difference_cell, interval_cell, paired_difference
+from cmmm.significance import Interval, difference_cell, paired_difference
+from cmmm.summary import SeedStatistics
 
 # A study's default: three seeds, enough to see a clear winner; claims still need five.
 DEFAULT_TUNE_SEEDS = [0, 1, 2]
@@ -107,34 +107,11 @@ class Candidate:
 
     label: str
     config: RunConfig
-    results: list[Results]
+    stats: SeedStatistics
 
-    def valid_aa_by_seed(self) -> dict[int, float]:
-        return {
-            r.config["seed"]: r.valid.aa
-            for r in self.results
-            if r.valid is not None and r.valid.aa is not None
-        }
-
-    @property
-    def valid_aa(self) -> list[float]:
-        return list(self.valid_aa_by_seed().values())
-
-    @property
-    def valid_fm(self) -> list[float]:
-        return [r.valid.fm for r in self.results if r.valid is not None and r.valid.fm is not None]
-
-    @property
-    def test_aa(self) -> list[float]:
-        return [r.aa for r in self.results if r.aa is not None]
-
-    @property
-    def test_fm(self) -> list[float]:
-        return [r.fm for r in self.results if r.fm is not None]
-
-    @property
-    def trainable_share(self) -> float | None:
-        return self.results[0].parameters.trainable_share_of_backbone if self.results else None
+    def valid_difference(self, chosen: Candidate) -> tuple[Interval, list[int]] | None:
+        """This candidate's validation AA minus the chosen one's, paired over common seeds."""
+        return paired_difference(self.stats.valid_aa_by_seed, chosen.stats.valid_aa_by_seed)
 
 
 def rank_on_validation(
@@ -149,11 +126,13 @@ def rank_on_validation(
         if row.config.strategy in HEADROOM_STRATEGIES:
             continue
         results = [o.result for o in outcomes[row.label] if o.result is not None]
-        ranked.setdefault(row.config.strategy, []).append(Candidate(row.label, row.config, results))
+        ranked.setdefault(row.config.strategy, []).append(
+            Candidate(row.label, row.config, SeedStatistics.of(results))
+        )
 
     def key(candidate: Candidate) -> tuple[int, float, float]:
-        aa = candidate.valid_aa
-        share = candidate.trainable_share
+        aa = candidate.stats.valid_aa
+        share = candidate.stats.trainable_share
         return (0 if aa else 1, -statistics.mean(aa) if aa else 0.0, share or 0.0)
 
     return {strategy: sorted(found, key=key) for strategy, found in ranked.items()}
@@ -161,7 +140,7 @@ def rank_on_validation(
 
 def chosen_of(candidates: list[Candidate]) -> Candidate | None:
     """The first-ranked candidate, when it has validation results."""
-    return candidates[0] if candidates and candidates[0].valid_aa else None
+    return candidates[0] if candidates and candidates[0].stats.valid_aa else None
 
 
 def chosen_settings(candidate: Candidate) -> dict[str, Any]:
@@ -231,20 +210,19 @@ def tune_table(
             if candidate is chosen:
                 difference = "chosen"
             elif chosen is not None:
-                difference = difference_cell(
-                    paired_difference(candidate.valid_aa_by_seed(), chosen.valid_aa_by_seed())
-                )
-            share = candidate.trainable_share
+                difference = difference_cell(candidate.valid_difference(chosen))
+            stats = candidate.stats
+            share = stats.trainable_share
             cells = [
-                f"{strategy} {rank}" if candidate.valid_aa else "-",
+                f"{strategy} {rank}" if stats.valid_aa else "-",
                 candidate.label,
-                interval_cell(candidate.valid_aa),
-                interval_cell(candidate.valid_fm),
+                stats.cell("valid_aa"),
+                stats.cell("valid_fm"),
                 difference,
-                interval_cell(candidate.test_aa),
-                interval_cell(candidate.test_fm),
+                stats.cell("aa"),
+                stats.cell("fm"),
                 "-" if share is None else f"{100 * share:.2f}",
-                str(len(candidate.results)),
+                str(len(stats.seeds)),
             ]
             lines.append("| " + " | ".join(cells) + " |")
         if chosen is None:
@@ -253,8 +231,7 @@ def tune_table(
         close = [
             c.label
             for c in candidates[1:]
-            if (d := paired_difference(c.valid_aa_by_seed(), chosen.valid_aa_by_seed())) is not None
-            and not d[0].excludes_zero
+            if (d := c.valid_difference(chosen)) is not None and not d[0].excludes_zero
         ]
         command_line = run_command(chosen_settings(chosen))
         verdicts.append(
@@ -294,8 +271,8 @@ def tune(
         if best is not None:
             chosen[strategy] = {
                 "label": best.label,
-                "valid_aa": statistics.mean(best.valid_aa),
-                "seeds": sorted(best.valid_aa_by_seed()),
+                "valid_aa": best.stats.mean("valid_aa"),
+                "seeds": sorted(best.stats.valid_aa_by_seed),
                 "settings": chosen_settings(best),
                 "command": run_command(chosen_settings(best)),
             }
