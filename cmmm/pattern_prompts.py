@@ -35,8 +35,6 @@ from cmmm.registry import Registry
 
 TASK_IDENTITIES = ("pattern", "oracle")
 UNSEEN_RULES = ("nearest", "own")
-# trainable_head value: a copy of the backbone's output layer per missing pattern.
-PATTERN_HEAD = "pattern"
 
 
 def pattern_key(pattern: Pattern) -> str:

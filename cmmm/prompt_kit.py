@@ -47,7 +47,7 @@ from cmmm.backbone import MulT, PromptContext, PromptSite
 from cmmm.errors import ConfigError
 from cmmm.options import ConfigurableStrategy, Option, parse_layers
 from cmmm.prompted_model import (
-    TRAINABLE_HEADS,
+    HEAD_CHOICES,
     PromptedModel,
     make_prompt_template,
     set_requires_grad,
@@ -61,7 +61,11 @@ FROZEN_BATCH_SIZE = 256
 # Every prompt baseline trains MulT's out_layer with its prompts by default: each published method
 # trains its classifier on top of the frozen encoder, and out_layer is MulT's counterpart.
 TRAINABLE_HEAD = Option(
-    "out", str, "head layers trained with the prompts", choices=tuple(TRAINABLE_HEADS)
+    "out",
+    str,
+    "head layers trained with the prompts (pattern: an output layer per missing pattern, as "
+    "ours' default, offered so the comparison with ours stays fair)",
+    choices=HEAD_CHOICES,
 )
 KMEANS_SEED = Option(0, int, "seed of the K-means initialisation", minimum=0)
 

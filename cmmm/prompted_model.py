@@ -29,10 +29,12 @@ the parameters with ``requires_grad`` and is built afresh at every experience. W
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
+import torch
 from torch import Tensor, nn
 
 from cmmm.backbone import MulT, PromptContext, PromptSite
@@ -46,6 +48,10 @@ TRAINABLE_HEADS: dict[str, tuple[str, ...]] = {
     "out": ("out_layer",),
     "all": ("proj1", "proj2", "out_layer"),
 }
+# trainable_head="pattern": one copy of ``out_layer`` per missing pattern (see ``PatternOutputs``).
+PATTERN_HEAD = "pattern"
+# Every value a prompt method's ``trainable_head`` option accepts.
+HEAD_CHOICES: tuple[str, ...] = (*TRAINABLE_HEADS, PATTERN_HEAD)
 
 
 class PromptModule(Protocol):
@@ -66,11 +72,39 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+class PatternOutputs(nn.Module):
+    """One trainable copy of the frozen ``out_layer`` per missing pattern; a sample reads the copy
+    of its own pattern (which modalities its input has, visible at test time too).
+
+    The copies start equal to the pre-trained layer, so the model's first prediction is the
+    frozen model's. Each experience has one pattern, so only that pattern's copy gets a non-zero
+    gradient; with the fresh Adam of every experience (module docstring), the other copies stay
+    exactly as they were: an output layer per pattern cannot be overwritten by a later pattern.
+    Rows are indexed by ``sum(present_j * 2**j) - 1`` over the M modalities (2^M - 1 patterns).
+    """
+
+    def __init__(self, out_layer: nn.Linear, num_modalities: int) -> None:
+        super().__init__()
+        patterns = 2**num_modalities - 1
+        self.weight = nn.Parameter(out_layer.weight.detach().clone().repeat(patterns, 1, 1))
+        self.bias = nn.Parameter(out_layer.bias.detach().clone().repeat(patterns, 1))
+        self.register_buffer("bits", 2 ** torch.arange(num_modalities), persistent=False)
+
+    def rows(self, presence: Tensor) -> Tensor:
+        """(B,) the pattern row of each sample from its (B, M) presence mask."""
+        return (presence.long() * self.bits.to(presence.device)).sum(dim=1) - 1
+
+    def forward(self, hidden: Tensor, presence: Tensor) -> Tensor:
+        rows = self.rows(presence)
+        return torch.einsum("bi,boi->bo", hidden, self.weight[rows]) + self.bias[rows]
+
+
 class PromptedModel(nn.Module):
     """A frozen ``MulT`` run with the prompts of ``prompts`` (see the module docstring).
 
-    ``trainable_head``: "none" (default, only prompts train), "out" (also ``out_layer``) or
-    "all" (also ``proj1`` and ``proj2``). The backbone is frozen in place.
+    ``trainable_head``: "none" (default, only prompts train), "out" (also ``out_layer``), "all"
+    (also ``proj1`` and ``proj2``) or "pattern" (``PatternOutputs``: a copy of ``out_layer`` per
+    missing pattern replaces the frozen one's output). The backbone is frozen in place.
     """
 
     def __init__(self, backbone: MulT, prompts: nn.Module, trainable_head: str = "none") -> None:
@@ -81,13 +115,19 @@ class PromptedModel(nn.Module):
             )
         if not callable(getattr(prompts, "prompt_for", None)):
             raise ConfigError(f"{type(prompts).__name__} has no prompt_for(site, ctx) method")
-        if trainable_head not in TRAINABLE_HEADS:
+        if trainable_head not in HEAD_CHOICES:
             raise ConfigError(
-                f"trainable_head must be one of {sorted(TRAINABLE_HEADS)}, got {trainable_head!r}"
+                f"trainable_head must be one of {list(HEAD_CHOICES)}, got {trainable_head!r}"
             )
         self.backbone = backbone
         self.prompts = prompts
         self.trainable_head = trainable_head
+        # Registered only when used, so the other heads' state dicts are unchanged.
+        self.pattern_outputs: PatternOutputs | None = None
+        if trainable_head == PATTERN_HEAD:
+            self.pattern_outputs = PatternOutputs(
+                backbone.out_layer, len(backbone.layout.modalities)
+            )
         # The method's extra loss term of the last training batch (None: none), for its plugin.
         self.aux_loss: Tensor | None = None
         set_requires_grad(self.backbone.parameters(), False)
@@ -95,6 +135,8 @@ class PromptedModel(nn.Module):
 
     def head_parameters(self) -> list[nn.Parameter]:
         """The backbone's head parameters that this wrapper trains (none by default)."""
+        if self.pattern_outputs is not None:
+            return list(self.pattern_outputs.parameters())
         return [
             p
             for name in TRAINABLE_HEADS[self.trainable_head]
@@ -115,10 +157,34 @@ class PromptedModel(nn.Module):
         """The prediction for the prepared input, called inside the prompt hook: the backbone's."""
         return self.backbone(x)
 
+    @contextlib.contextmanager
+    def _pattern_outputs_for(self, presence: Tensor | None) -> Iterator[None]:
+        """With ``trainable_head="pattern"``: while the backbone runs, the output of its frozen
+        ``out_layer`` is replaced by each sample's pattern copy (a forward hook, so a method's
+        own ``run`` needs no change)."""
+        if self.pattern_outputs is None or presence is None:
+            yield
+            return
+        outputs = self.pattern_outputs
+
+        def replace(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+            return outputs(inputs[0], presence)
+
+        handle = self.backbone.out_layer.register_forward_hook(replace)
+        try:
+            yield
+        finally:
+            handle.remove()
+
     def forward(self, x: Tensor) -> Tensor:
+        # The presence mask as given, before ``prepare`` (which may fill in missing modalities).
+        presence = self.backbone.layout.unpack(x)[1] if self.pattern_outputs is not None else None
         try:
             prepared = self.prepare(x)
-            with self.backbone.using_prompt_hook(self.prompts.prompt_for):
+            with (
+                self.backbone.using_prompt_hook(self.prompts.prompt_for),
+                self._pattern_outputs_for(presence),
+            ):
                 return self.run(prepared)
         finally:
             # A batch's prompts must not outlive it: a later call of prompt_for (another batch,

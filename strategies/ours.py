@@ -40,7 +40,6 @@ from cmmm.data.patterns import Pattern, parse_pattern_pairs, swap_pairs
 from cmmm.errors import ConfigError
 from cmmm.options import Option, options_dataclass, parse_comma_list, parse_layers_or_auto
 from cmmm.pattern_prompts import (
-    PATTERN_HEAD,
     TASK_IDENTITIES,
     UNSEEN_RULES,
     OracleTaskIdentity,
@@ -50,7 +49,7 @@ from cmmm.pattern_prompts import (
     assign_layers,
 )
 from cmmm.prompt_kit import require_mult
-from cmmm.prompted_model import TRAINABLE_HEADS, PromptedModel, make_prompt_template
+from cmmm.prompted_model import HEAD_CHOICES, PATTERN_HEAD, PromptedModel, make_prompt_template
 from cmmm.strategy import STRATEGIES, Strategy, StrategyContext
 
 PROMPT_TYPES = ("m", "ta", "ts")
@@ -123,7 +122,7 @@ OURS_OPTIONS: dict[str, Option] = {
         "pattern (default: chosen on mfeat validation, +10 AA at FM ~0 and 3 % trainable): one "
         "output layer per missing pattern, trained with its task-specific set; none, out or "
         "all: which shared head layers train besides the prompts",
-        choices=(*TRAINABLE_HEADS, PATTERN_HEAD),
+        choices=HEAD_CHOICES,
     ),
     "task_identity": Option(
         "pattern",

@@ -218,6 +218,78 @@ def test_the_backbone_is_bit_identical_after_training(root, tiny_config_at, name
     assert not same(method_before, snapshot(model.prompts))  # the prompts did train
 
 
+def experience_rows(model: Any, experience: Any) -> set[int]:
+    """The pattern rows (``PatternOutputs.rows``) of an experience's training samples."""
+    x = torch.stack([experience.dataset[i][0] for i in range(len(experience.dataset))])
+    return set(model.pattern_outputs.rows(model.backbone.layout.unpack(x)[1]).tolist())
+
+
+@pytest.mark.parametrize("name", ["l2p", "codaprompt", "mplmm"])
+def test_pattern_head_starts_as_the_frozen_head_and_keeps_old_patterns(
+    root, tiny_config_at, name
+) -> None:
+    """trainable_head="pattern": the copies start equal to out_layer (the first prediction is the
+    frozen head's), a task moves only its own pattern's copy, the backbone (out_layer included)
+    stays bit-identical, and the copy of task 0's pattern is unchanged by task 1."""
+    options = {**TINY_OPTIONS[name], "trainable_head": "pattern"}
+    _, template, _, experiences = build(root, tiny_config_at, name, options=options)
+    model = template.model
+    outputs = model.pattern_outputs
+    assert outputs.weight.shape[0] == 2 ** len(model.backbone.layout.modalities) - 1
+    for row in range(outputs.weight.shape[0]):
+        assert torch.equal(outputs.weight[row], model.backbone.out_layer.weight)
+        assert torch.equal(outputs.bias[row], model.backbone.out_layer.bias)
+    x = torch.stack([experiences[0].dataset[i][0] for i in range(8)])
+    model.eval()
+    with torch.no_grad():
+        with_copies = model(x)
+        model.pattern_outputs = None  # the same model reading the frozen out_layer
+        frozen = model(x)
+        model.pattern_outputs = outputs
+    torch.testing.assert_close(with_copies, frozen)
+    assert outputs.weight.requires_grad and not model.backbone.out_layer.weight.requires_grad
+
+    backbone_before = snapshot(model.backbone)
+    start = snapshot(outputs)
+    template.train(experiences[0])
+    after_first = snapshot(outputs)
+    template.train(experiences[1])
+    after_second = snapshot(outputs)
+    assert same(backbone_before, snapshot(model.backbone))
+    first, second = experience_rows(model, experiences[0]), experience_rows(model, experiences[1])
+    assert first.isdisjoint(second)
+    moved_first = {
+        r
+        for r in range(len(start["weight"]))
+        if not torch.equal(start["weight"][r], after_first["weight"][r])
+    }
+    assert moved_first == first
+    for row in range(len(start["weight"])):
+        if row not in second:  # every other copy, task 0's included, is untouched by task 1
+            assert torch.equal(after_first["weight"][row], after_second["weight"][row])
+            assert torch.equal(after_first["bias"][row], after_second["bias"][row])
+    assert any(not torch.equal(after_first["weight"][r], after_second["weight"][r]) for r in second)
+
+
+def test_pattern_rows_follow_each_samples_presence() -> None:
+    """Row = sum(present_j * 2**j) - 1: every non-empty pattern of three modalities has its own
+    row, and a batch of mixed patterns reads each sample's own copy."""
+    from cmmm.prompted_model import PatternOutputs
+
+    layer = torch.nn.Linear(4, 2)
+    outputs = PatternOutputs(layer, 3)
+    presence = torch.tensor(
+        [[a, b, c] for c in (0, 1) for b in (0, 1) for a in (0, 1) if a or b or c], dtype=bool
+    )
+    assert outputs.rows(presence).tolist() == list(range(7))
+    with torch.no_grad():
+        outputs.bias.copy_(torch.arange(7.0).unsqueeze(1).repeat(1, 2))
+        outputs.weight.zero_()
+    hidden = torch.randn(7, 4)
+    got = outputs(hidden, presence.flip(0))
+    assert got[:, 0].tolist() == list(reversed(range(7)))
+
+
 def test_old_tasks_parameters_stay_bit_identical(root, tiny_config_at) -> None:
     """DualPrompt's E-prompt/key and S-Prompts' prompt/head of task 0 do not move in task 1."""
     for name in ("dualprompt", "sprompts"):
