@@ -10,25 +10,8 @@ earlier slice and to each other (for K, A and the flattened P). While training, 
 penalty ``ortho_mu * sum_layers sum_{B in K, A, P} mean((B B^T - I)^2)`` over slices 0..t is added
 to the loss. At test the slices of every trained task are used; no task label is needed.
 
-Published defaults and their sources: ``pool_size`` 100 components, ``prompt_length`` 8, layers
-0-4 (the CODA-Prompt repository, ``--prompt_param 100 8 ...`` and ``e_layers = [0,1,2,3,4]``);
-``ortho_mu`` 0.1 is the weight of the repository's CIFAR-100 script that accompanied the paper
-(its later release runs 0.0 and relies on the Gram-Schmidt initialisation alone: sweep it);
-components per task = ``pool_size // number of tasks`` (the reference code's
-``int(pool / n_tasks)``; with 7 tasks: 14 each, 98 used). ``trainable_head`` "out": CODA-Prompt
-trains its classifier, MulT's counterpart is ``out_layer``.
-
-Adaptations to MulT:
-
-* Layers are the cross-modal transformers' layers (MulT has 5; the default prompts all of them).
-  Every cross-modal transformer at a layer gets that layer's prompt ((L, d), d = 30); the memory
-  transformers get none.
-* The reference code splits P into key and value halves (prefix tuning). The backbone's hook
-  takes prefix tokens that the layer's frozen key and value projections map, so each of the L
-  tokens serves as both key and value input; no split.
-* The query is 180-d (MulT's pooled feature); Gram-Schmidt needs no more vectors than dimensions,
-  so the used components must not exceed min(180, L * d); this is checked at build time.
-* Regression needs nothing special (the penalty ignores labels).
+The Gram-Schmidt initialisation and the penalty are ``cmmm.orthogonal``'s. Defaults, their
+sources and the adaptations to MulT: docs/strategies.md#coda-prompt.
 """
 
 from __future__ import annotations
@@ -42,6 +25,7 @@ from torch import Tensor, nn
 from cmmm.backbone import MulT
 from cmmm.errors import ConfigError
 from cmmm.options import Option
+from cmmm.orthogonal import ortho_penalty, orthogonalise_slice_
 from cmmm.prompt_kit import (
     TRAINABLE_HEAD,
     LayerPrompts,
@@ -51,43 +35,6 @@ from cmmm.prompt_kit import (
     layers_option,
 )
 from cmmm.strategy import STRATEGIES, StrategyContext
-
-
-def gram_schmidt_rows(
-    previous: Tensor, count: int, generator: torch.Generator | None = None
-) -> Tensor:
-    """(count, D) random unit rows, orthogonal to every row of ``previous`` (N, D) and to each
-    other (classical Gram-Schmidt with one re-orthogonalisation pass, in float64)."""
-    dim = previous.shape[1]
-    if previous.shape[0] + count > dim:
-        raise ConfigError(
-            f"Gram-Schmidt: {previous.shape[0]} + {count} vectors do not fit in {dim} dimensions"
-        )
-    basis: list[Tensor] = []
-    if previous.shape[0]:
-        # An orthonormal basis of the earlier rows' span (they need not be orthonormal any more).
-        q, r = torch.linalg.qr(previous.detach().double().T)
-        keep = r.diagonal().abs() > 1e-10
-        basis = list(q[:, keep].T)
-    rows = []
-    while len(rows) < count:
-        v = torch.randn(dim, generator=generator, dtype=torch.float64)
-        for _ in range(2):
-            for u in basis:
-                v = v - (v @ u) * u
-        norm = v.norm()
-        if norm < 1e-8:  # numerically in the span already: draw again
-            continue
-        v = v / norm
-        basis.append(v)
-        rows.append(v)
-    return torch.stack(rows)
-
-
-def ortho_penalty(rows: Tensor) -> Tensor:
-    """mean((B B^T - I)^2) of a (N, D) matrix (the reference code's penalty)."""
-    gram = rows @ rows.T
-    return (gram - torch.eye(len(rows), dtype=rows.dtype, device=rows.device)).pow(2).mean()
 
 
 class CodaPrompts(TaskPrompts):
@@ -151,18 +98,8 @@ class CodaPrompts(TaskPrompts):
         return Selection(prompts, aux, None)
 
     def begin_task(self, task: int) -> None:
-        with torch.no_grad():
-            for group in (self.components, self.keys, self.attention):
-                new = group[task]
-                for i in range(new.shape[0]):
-                    earlier = [group[s][i].flatten(1) for s in range(task)]
-                    previous = (
-                        torch.cat(earlier)
-                        if earlier
-                        else new.new_zeros(0, new[i].flatten(1).shape[1])
-                    )
-                    rows = gram_schmidt_rows(previous, self.per_task)
-                    new[i].copy_(rows.view_as(new[i]).to(new))
+        for group in (self.components, self.keys, self.attention):
+            orthogonalise_slice_(group, task)
         super().begin_task(task)
 
     def task_parameters(self, task: int) -> list[nn.Parameter]:
@@ -190,6 +127,8 @@ class CodaPrompt(QueryPromptStrategy):
                 f"codaprompt: pool_size {self.opt('pool_size')} gives no component to each of "
                 f"{num_tasks} tasks"
             )
+        # Gram-Schmidt draws no more orthogonal rows than there are dimensions: those of the
+        # query (keys, attention) and of a flattened (L, d) component.
         width, query_dim = backbone.config.d_model, backbone.feature_dim
         room = min(query_dim, self.opt("prompt_length") * width)
         if per_task * num_tasks > room:

@@ -2,50 +2,18 @@
 Modalities via Memory-Driven Prompt Learning"; seed ``002_ef34f62067adfdae``) on the frozen MulT,
 trained task after task like every other baseline (it has no continual mechanism).
 
-Taken from the paper (and, where the paper is silent or ambiguous, from its public code
-``zhao-yh20/MemPrompt``, read only):
-
-* Per modality m and prompted layer l, a prompt memory of K prompts p_k (L x d) with keys q_k
-  (d). The query f_m is the max-pool over time of m's tokens at that layer, also when m is
-  missing (its tokens are then those of the dummy input). The N keys nearest by cosine are kept,
-  a softmax over those N cosines weights them, and the weighted sum of their prompts is the
-  generative prompt p_(g,m) (the code's ``PromptMemory``; the paper's Eq. 5 writes the softmax
-  before the top-N selection, the code and baselines.md after it, which is what is done here).
-* Shared prompts: one S_m (L_s x d) per modality and layer. A sample's shared prompt is the sum
-  of S_m over its missing modalities, or over every modality when it is complete (the code's
-  cases 0-2), mapped for each modality m by its own bottleneck MLP G_m (d -> d/r -> d, GELU):
-  p_(s,m) = G_m(sum S). Modality m's prompts are [p_(s,m) ; p_(g,m)], placed before m's tokens
-  (Eq. 2, the "distributed" placement of Table 4).
-* Defaults: K = 16 (Table 3), N = 5, L = L_s = 16 (MM-IMDb, Food101), bottleneck ratio r = 16
-  (the code's ``hidden_size // 16``), prompts on the first half of the layers (the first 6 of
-  ViLT's 12 blocks), backbone frozen, task loss only. Initialisation as in the code: memory
-  prompts and keys Kaiming-normal (a = sqrt(5)), shared prompts N(0, 0.02), bottleneck weights
-  N(0, 0.02) with zero biases. ``trainable_head`` "out": MemPrompt trains its classifier with the
-  prompts; MulT's counterpart is ``out_layer``.
-
-Reconstructed for MulT (the backbone is not modified; prompts enter through its hook only):
-
-* "Before m's tokens in layer l" becomes the key/value prefix of the cross-modal transformers
-  whose **source** is m (target t <- source m, layer l): there, and only there, m's tokens are
-  the keys and values the layer attends to, so the prompts sit among them as in ViLT's joint
-  sequence, and the other modalities read them, which is where a missing m's information has to
-  be made up for. (Attaching to the target-m transformers would let only m's own, possibly
-  zero-filled, queries read them.) The memory (self-attention) transformers get no prompt.
-* m's tokens "at layer l" are the keys/values that layer's attention receives: the layer's
-  LayerNorm of the embedded sequence of m. They are read from one prompt-free pass of the frozen
-  backbone (``cmmm.prompt_kit``: eval mode, no gradient, forward pre-hooks), so the query
-  carries no embedding dropout and does not depend on the prompts of earlier layers (in MulT the
-  source side of a cross-modal transformer is the same sequence at every layer anyway). Each
-  site (t <- m, l) retrieves with its own query from the memory of (m, l), shared by the M-1
-  sites of that modality and layer.
-* Layers: the first half of MulT's cross-modal layers, "0,1,2" of 5.
-* With d = 30 the published ratio r = 16 leaves a one-unit bottleneck (max(1, d // r)); lower
-  ``bottleneck_ratio`` for a wider one.
+Per modality m and prompted layer l: a memory of K prompts (L x d) with keys, from which the
+max-pool over time of m's tokens at that layer (also when m is missing) mixes the N prompts of
+nearest key (cosine), softmax-weighted, into the generative prompt p_(g,m); and a shared prompt
+S_m (L_s x d). Summed over a sample's missing modalities (every modality when it is complete),
+the S_m are mapped by m's bottleneck MLP G_m (d -> d/r -> d, GELU) to p_(s,m). [p_(s,m) ; p_(g,m)]
+is the key/value prefix of the cross-modal transformers whose source is m (there m's tokens are
+the keys and values). What comes from the paper, what from its code, and the reconstruction for
+MulT: docs/strategies.md#memprompt.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -54,6 +22,7 @@ from torch import Tensor, nn
 
 from cmmm.backbone import MulT, PromptSite
 from cmmm.options import Option
+from cmmm.prompt_init import kaiming_parameter, normal_parameter
 from cmmm.prompt_kit import (
     TRAINABLE_HEAD,
     PromptStrategy,
@@ -96,17 +65,14 @@ class MemPromptPrompts(SitePrompts):
         self.maps = nn.ModuleDict()
         for m in self.modalities:
             for layer in self.layers:
-                memory = torch.empty(memory_size, options["prompt_length"], width)
-                keys = torch.empty(memory_size, width)
-                nn.init.kaiming_normal_(memory, a=math.sqrt(5))
-                nn.init.kaiming_normal_(keys, a=math.sqrt(5))
-                self.memory[_key(m, layer)] = nn.Parameter(memory)
-                self.keys[_key(m, layer)] = nn.Parameter(keys)
-                self.maps[_key(m, layer)] = self._bottleneck(width, bottleneck)
+                key = _key(m, layer)
+                self.memory[key] = kaiming_parameter(memory_size, options["prompt_length"], width)
+                self.keys[key] = kaiming_parameter(memory_size, width)
+                self.maps[key] = self._bottleneck(width, bottleneck)
         # Per layer, the shared prompts of every modality stacked in layout order: (M, L_s, d).
         shared = (len(self.modalities), options["shared_length"], width)
         self.shared = nn.ParameterDict(
-            {str(layer): nn.Parameter(torch.randn(*shared) * 0.02) for layer in self.layers}
+            {str(layer): normal_parameter(*shared, std=0.02) for layer in self.layers}
         )
 
     @staticmethod

@@ -12,10 +12,11 @@ import torch
 
 from cmmm.backbone import PromptContext, PromptSite
 from cmmm.errors import ConfigError
+from cmmm.orthogonal import gram_schmidt_rows
 from cmmm.prompt_kit import cosine_matrix, frozen_query, kmeans
 from cmmm.running import prepare, run
 from cmmm.strategy import STRATEGIES
-from strategies.codaprompt import CodaPrompts, gram_schmidt_rows
+from strategies.codaprompt import CodaPrompts
 from strategies.sprompts import nearest_domain
 
 NAMES = ["l2p", "dualprompt", "sprompts", "codaprompt", "mplmm"]
