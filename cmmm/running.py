@@ -644,8 +644,12 @@ def restore_checkpoint(
         if validation is not None:
             field_name = "evaluator.valid"
             validation.load_state_dict(checkpoint.evaluator["valid"])
-    except CheckpointError:
-        raise
+    except CheckpointError as error:
+        # Say where and what to do: a checkpoint of an older version of the strategy cannot
+        # resume, and only deleting its run directory lets the run start over.
+        raise CheckpointError(
+            f"{path}: {error}; delete the run directory to start the run over"
+        ) from None
     except (CmmmError, KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
         raise CheckpointError(
             f"{path}: field {field_name!r} cannot be restored ({type(error).__name__}: "

@@ -413,3 +413,20 @@ def test_same_seed_twice_gives_the_same_results(references, strategy: str) -> No
     again = run(references.config(strategy), log=quiet)
     assert comparable(again) == comparable(expected)
     shutil.rmtree(again["run_dir"])
+
+
+def test_a_checkpoint_of_another_strategy_version_says_where_and_what_to_do(monkeypatch) -> None:
+    """A checkpoint whose plugins are not the strategy's (written by an older version) names the
+    checkpoint and says to delete the run directory, the only way such a run can start over."""
+
+    def mismatch(*args: Any) -> None:
+        raise CheckpointError("the checkpoint's plugins ['A'] are not this strategy's ['B']")
+
+    monkeypatch.setattr(cmmm.running, "restore_template_state", mismatch)
+    path = Path("runs/x/checkpoint.pt")
+    checkpoint = SimpleNamespace(template={}, evaluator={})
+    with pytest.raises(CheckpointError) as info:
+        cmmm.running.restore_checkpoint(path, None, checkpoint, None, None, None)  # type: ignore[arg-type]
+    message = str(info.value)
+    assert message.startswith(f"{path}: the checkpoint's plugins")
+    assert "delete the run directory" in message and "\n" not in message
