@@ -1,6 +1,7 @@
 """Orthogonal prompt components: a new task's slice drawn orthogonal to the earlier tasks' slices,
 and the penalty that keeps a set of rows orthonormal while they train (CODA-Prompt's
-Gram-Schmidt initialisation and orthogonality loss).
+Gram-Schmidt initialisation and orthogonality loss), and the penalty that keeps several prompts
+out of each other's span (``pairwise_ortho_penalty``).
 
 Per-task parameters here are lists of tensors, one slice per task, each (groups, n, ...): a group
 (a prompted layer) holds n rows, each row the flattening of the trailing dimensions. A group's
@@ -65,3 +66,16 @@ def ortho_penalty(rows: Tensor) -> Tensor:
     """mean((B B^T - I)^2) of a (N, D) matrix (CODA-Prompt's reference code's penalty)."""
     gram = rows @ rows.T
     return (gram - torch.eye(len(rows), dtype=rows.dtype, device=rows.device)).pow(2).mean()
+
+
+def pairwise_ortho_penalty(prompts: Sequence[Tensor]) -> Tensor:
+    """sum over pairs i < j of mean((A_i A_j^T)^2) for prompts A_i of shape (L_i, d): zero exactly
+    when every token of each prompt is orthogonal to every token of every other one (MISA's
+    shared/private split; ProMMA's prompt disentanglement)."""
+    if len(prompts) < 2:
+        raise ConfigError("the orthogonality penalty needs at least two prompts")
+    total = prompts[0].new_zeros(())
+    for i in range(len(prompts)):
+        for j in range(i + 1, len(prompts)):
+            total = total + (prompts[i] @ prompts[j].T).pow(2).mean()
+    return total

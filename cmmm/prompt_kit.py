@@ -8,8 +8,9 @@
 * ``SitePrompts``: a prompt module whose prompts its model's ``prepare`` computes per batch
   (``current``), handed to the sites by ``site_key``.
 * The frozen query (``frozen_query``: the backbone's prompt-free pooled features, as L2P's
-  separate frozen "original model"), ``frozen_inputs`` (an experience's inputs, batch by batch)
-  and ``cosine_matrix``.
+  separate frozen "original model"), its output (``frozen_output``), ``frozen_inputs`` (an
+  experience's inputs, batch by batch), ``pooled_projected_inputs`` (each modality's projected
+  tokens, mean over time) and ``cosine_matrix``.
 * Query-based prompting (L2P, DualPrompt, S-Prompts, CODA-Prompt): ``Selection``,
   ``LayerPrompts``, ``TaskPrompts`` (a part per task), ``QueryPromptedModel``, its task plugin
   ``make_task_plugin`` and ``QueryPromptStrategy``; ``uniform_parameter`` (the reference code's
@@ -17,6 +18,9 @@
 * K-means (``kmeans``: S-Prompts' domain keys, AOEPT's clustering).
 * Site tokens (below), which MemPrompt and AOEPT condition their prompts on, and
   ``missing_or_every``, the modalities their prompts stand in for.
+* The cross-modal transformers' outputs of the prompted pass itself
+  (``run_recording_cross_outputs``), and ``per_source_prefix``, a memory transformer's prefix
+  with one weighted slice per source.
 
 Site tokens: what the frozen backbone feeds its cross-modal attentions, read from its recording.
 
@@ -36,7 +40,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -107,6 +111,33 @@ def frozen_query(backbone: MulT, x: Tensor) -> Tensor:
     finally:
         for module, was_training in modes:
             module.training = was_training
+
+
+def frozen_output(backbone: MulT, x: Tensor) -> Tensor:
+    """(B, output_dim): the frozen pre-trained backbone's output without prompts (eval mode, no
+    gradient; ``frozen_query`` restores every module's mode, this restores the head's flag)."""
+    features = frozen_query(backbone, x)
+    was_training = backbone.training
+    backbone.training = False  # MulT.head reads its own flag for the output dropout
+    try:
+        with torch.no_grad():
+            return backbone.head(features)
+    finally:
+        backbone.training = was_training
+
+
+def pooled_projected_inputs(backbone: MulT, x: Tensor) -> Tensor:
+    """(B, M, d): every modality's projected tokens (the backbone's input projections), mean over
+    time, without gradient (zero when the modality is missing)."""
+    features, _ = backbone.layout.unpack(x)
+    with torch.no_grad():
+        return torch.stack(
+            [
+                backbone.projections[m](features[m].transpose(1, 2)).mean(dim=2)
+                for m in backbone.layout.modalities
+            ],
+            dim=1,
+        )
 
 
 def frozen_inputs(backbone: MulT, dataset: Any) -> Iterator[Tensor]:
@@ -413,6 +444,32 @@ def missing_or_every(presence: Tensor, complete: float = 1.0) -> Tensor:
 
 # (target, source, cross-modal layer) -> (B, L_source, d) key/value tokens.
 SiteTokens = dict[tuple[str, str, int], Tensor]
+
+
+class HoldsCrossOutputs(Protocol):
+    """A method's per-batch state that keeps the cross-modal transformers' outputs."""
+
+    cross_outputs: dict[tuple[str, str], Tensor]
+
+
+def run_recording_cross_outputs(backbone: MulT, x: Tensor, holder: HoldsCrossOutputs) -> Tensor:
+    """The backbone's output on ``x``. While it runs, ``holder.cross_outputs`` is the live
+    recording of the cross-modal transformers' outputs, (target, source) -> (B, L, d), complete
+    before any memory transformer asks for its prompt; afterwards it is a copy, so that later
+    passes (frozen ones for an auxiliary loss) cannot overwrite it."""
+    with backbone.recording() as recording:
+        holder.cross_outputs = recording.cross_outputs
+        output = backbone(x)
+    holder.cross_outputs = dict(recording.cross_outputs)
+    return output
+
+
+def per_source_prefix(weights: Tensor, prompt: Tensor) -> Tensor:
+    """(B, L, n d): a memory transformer's prefix made of the same (L, d) ``prompt`` once per
+    source, each scaled by that source's (B, n) weight; the memory width holds one slice of d
+    features per source."""
+    slices = [weights[:, i, None, None] * prompt for i in range(weights.shape[1])]
+    return torch.cat(slices, dim=2)
 
 
 def frozen_site_tokens(backbone: MulT, x: Tensor, layers: Sequence[int]) -> SiteTokens:

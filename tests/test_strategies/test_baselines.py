@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from cmmm.errors import ConfigError
+from cmmm.exemplars import herding_order
 from cmmm.replay_sizes import BUFFER_SIZES, expand_family, paper_sizes
 from cmmm.running import prepare, run
 from cmmm.strategy import STRATEGIES
 from strategies.agem import AveragedGEM
 from strategies.der import DarkExperienceReplay
-from strategies.icarl import IncrementalClassifierRepresentation, herding_order
+from strategies.icarl import IncrementalClassifierRepresentation
 from strategies.replay import ExperienceReplay
 
 BASELINES = ["ewc", "lwf", "si", "er-250", "agem-250", "icarl-250", "der-250"]

@@ -13,11 +13,12 @@ import torch
 
 from cmmm.comparison import expand_strategies
 from cmmm.errors import ConfigError
-from cmmm.prompt_kit import missing_or_every
+from cmmm.modality_evaluators import ModalityEvaluators, output_shift
+from cmmm.orthogonal import pairwise_ortho_penalty
+from cmmm.prompt_kit import missing_or_every, pooled_projected_inputs
 from cmmm.running import prepare, run
 from cmmm.strategy import STRATEGIES
 from strategies.memprompt import retrieve
-from strategies.promma import evaluator_targets, orthogonality_penalty
 
 NAMES = ["memprompt", "aoept", "promma"]
 # Three cross-modal layers: the defaults prompt layers 0-2 (the first half of MulT's five).
@@ -312,23 +313,23 @@ def test_aoept_gate_is_one_without_another_modality(root, tiny_config_at) -> Non
 def test_promma_orthogonality_penalty_is_zero_exactly_for_orthogonal_prompts() -> None:
     eye = torch.eye(6)
     orthogonal = [eye[0:2], eye[2:4], eye[4:6]]  # (2, 6) each, disjoint supports
-    assert orthogonality_penalty(orthogonal).item() == 0.0
+    assert pairwise_ortho_penalty(orthogonal).item() == 0.0
     rotated = torch.linalg.qr(torch.randn(6, 6))[0]
-    assert orthogonality_penalty([p @ rotated for p in orthogonal]).item() < 1e-10
+    assert pairwise_ortho_penalty([p @ rotated for p in orthogonal]).item() < 1e-10
     overlapping = [eye[0:2], eye[1:3]]  # share the direction e1
-    assert orthogonality_penalty(overlapping).item() == pytest.approx(1 / 4)
-    assert orthogonality_penalty([torch.randn(4, 6) for _ in range(3)]).item() > 0
+    assert pairwise_ortho_penalty(overlapping).item() == pytest.approx(1 / 4)
+    assert pairwise_ortho_penalty([torch.randn(4, 6) for _ in range(3)]).item() > 0
     with pytest.raises(ConfigError, match="two prompts"):
-        orthogonality_penalty([eye])
+        pairwise_ortho_penalty([eye])
 
 
 def test_promma_evaluator_targets_measure_the_pseudo_label_shift() -> None:
     full = torch.tensor([[2.0], [1.0], [-1.0]])
     dropped = torch.tensor([[2.0], [0.0], [1.0]])
-    assert evaluator_targets(full, dropped, regression=True).tolist() == [0.0, 1.0, 1.0]
+    assert output_shift(full, dropped, regression=True).tolist() == [0.0, 1.0, 1.0]
     logits = torch.tensor([[0.0, 0.0], [10.0, -10.0]])
     flipped = torch.tensor([[0.0, 0.0], [-10.0, 10.0]])
-    targets = evaluator_targets(logits, flipped, regression=False)
+    targets = output_shift(logits, flipped, regression=False)
     assert targets[0] == 0.0 and targets[1] == pytest.approx(1.0, abs=1e-6)
 
 
@@ -340,8 +341,8 @@ def test_promma_scales_missing_prompts_and_weights_memory_prompts(root, tiny_con
     x, _ = every_pattern(stream, per_task=1)
     _, presence = model.backbone.layout.unpack(x)
     with torch.no_grad():
-        logits = prompts.evaluator_logits(model.pooled_inputs(x), presence)
-    scales = prompts.private_scales(presence, logits)
+        logits = prompts.evaluators.logits(pooled_projected_inputs(model.backbone, x), presence)
+    scales = ModalityEvaluators.scales(presence, logits)
     present = presence > 0.5
     assert torch.equal(scales[present], torch.ones(int(present.sum())))
     torch.testing.assert_close(scales[~present], torch.sigmoid(logits[~present]))
