@@ -57,6 +57,14 @@ def info_nce(scores: Tensor) -> Tensor:
     return F.cross_entropy(scores, labels)
 
 
+def cosine_info_nce(prompts: Tensor, features: Tensor, log_scale: Tensor) -> Tensor:
+    """InfoNCE of cosine scores (times exp(log_scale)) between matching rows of ``prompts`` and
+    ``features`` (B, d), each row against every other row of the batch (AOEPT's
+    prompt-to-modality loss)."""
+    scores = F.normalize(prompts, dim=1) @ F.normalize(features, dim=1).T * log_scale.exp()
+    return info_nce(scores)
+
+
 class WeightedAuxModel(PromptedModel):
     """A prompted model whose method adds named auxiliary terms (``aux_terms``), each weighted by
     ``loss_weights[name]``: after a training forward, ``aux_loss`` is their weighted sum and

@@ -44,6 +44,14 @@ def parse_layers_or_auto(owner: str, name: str, raw: Any) -> list[int] | None:
     return list(parse_layers(owner, name, raw))
 
 
+def parse_layers_or_all(owner: str, name: str, raw: Any) -> tuple[int, ...] | None:
+    """A layer list option that may also be "all" (None: every layer the owner has)."""
+    text = str(raw).strip()
+    if text.lower() == "all":
+        return None
+    return parse_layers(owner, name, text)
+
+
 def parse_comma_list(owner: str, name: str, raw: Any) -> str:
     """A list option kept as a comma string: accepts a JSON list of strings or a comma string."""
     if isinstance(raw, list | tuple) and all(isinstance(s, str) for s in raw):

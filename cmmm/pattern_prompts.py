@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from cmmm.backbone import IndexedPrompt, MulT, PromptContext, PromptSite
 from cmmm.data.patterns import Pattern, all_patterns, nearest_pattern
 from cmmm.errors import ConfigError
+from cmmm.pattern_lookup import pattern_indices, pattern_lookup
 from cmmm.prompted_model import PromptedModel, set_requires_grad
 from cmmm.registry import Registry
 
@@ -193,10 +194,7 @@ class PatternPrompts(nn.Module):
         self.unseen_rule = options.unseen_patterns
         self.patterns = all_patterns(len(self.modalities))
         self.pattern_index = {p: i for i, p in enumerate(self.patterns)}
-        # presence bits (as a binary number, modality i = bit i) -> pattern index; -1: none.
-        lookup = torch.full((2 ** len(self.modalities),), -1, dtype=torch.long)
-        for i, p in enumerate(self.patterns):
-            lookup[sum(1 << b for b, present in enumerate(p) if present)] = i
+        lookup = pattern_lookup(self.patterns, len(self.modalities))
         self.register_buffer("_lookup", lookup, persistent=False)
         # Set by the oracle plugin for the current minibatch: (B,) pattern indices.
         self.oracle_indices: Tensor | None = None
@@ -223,14 +221,8 @@ class PatternPrompts(nn.Module):
 
     def pattern_indices(self, presence: Tensor) -> Tensor:
         """(B,) index into ``self.patterns`` of each sample's presence mask (B, M)."""
-        bits = (presence > 0.5).long()
-        powers = 2 ** torch.arange(bits.shape[1], device=bits.device)
-        index = self._lookup.to(bits.device)[(bits * powers).sum(dim=1)]
-        # Checked on the device: no host synchronisation inside a training step.
-        torch._assert_async(
-            (index >= 0).all(), "a sample has every modality missing; no prompt set exists for it"
-        )
-        return index
+        message = "a sample has every modality missing; no prompt set exists for it"
+        return pattern_indices(self._lookup, presence, message)
 
     def sample_indices(self, ctx: PromptContext) -> Tensor:
         if self.task_identity == "oracle" and self.oracle_indices is not None:

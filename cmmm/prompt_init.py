@@ -1,7 +1,8 @@
 """Initialisers of prompt parameters, each as the reference code it follows draws it.
 
-``uniform_parameter`` (``cmmm.prompt_kit``) is the uniform one of L2P and its successors; the
-Gram-Schmidt initialisation of CODA-Prompt's components is ``cmmm.orthogonal``'s.
+``uniform_parameter`` (``cmmm.prompt_kit``) is the uniform one of L2P and its successors
+(``rand_parameter`` here is MPLMM's uniform [0, 1)); the Gram-Schmidt initialisation of
+CODA-Prompt's components is ``cmmm.orthogonal``'s.
 """
 
 from __future__ import annotations
@@ -22,3 +23,8 @@ def kaiming_parameter(*shape: int) -> nn.Parameter:
     """Kaiming-normal with a = sqrt(5) (``nn.init.kaiming_normal_``, fan-in of ``shape[1:]``):
     MemPrompt's code for its memory prompts and keys."""
     return nn.Parameter(nn.init.kaiming_normal_(torch.empty(*shape), a=math.sqrt(5)))
+
+
+def rand_parameter(*shape: int) -> nn.Parameter:
+    """U[0, 1), drawn as ``torch.rand(*shape)``: MPLMM's code for every prompt and map."""
+    return nn.Parameter(torch.rand(*shape))

@@ -444,6 +444,8 @@ def missing_or_every(presence: Tensor, complete: float = 1.0) -> Tensor:
 
 # (target, source, cross-modal layer) -> (B, L_source, d) key/value tokens.
 SiteTokens = dict[tuple[str, str, int], Tensor]
+# (modality, layer) -> (B, d) pooled tokens of that modality at that layer.
+PooledTokens = dict[tuple[str, int], Tensor]
 
 
 class HoldsCrossOutputs(Protocol):
@@ -483,10 +485,10 @@ def frozen_site_tokens(backbone: MulT, x: Tensor, layers: Sequence[int]) -> Site
 
 def mean_pooled_modality_tokens(
     tokens: SiteTokens, modalities: Sequence[str], layers: Sequence[int]
-) -> dict[tuple[str, int], Tensor]:
+) -> PooledTokens:
     """(modality, layer) -> (B, d): that modality's tokens mean-pooled over time, averaged over
     the M-1 cross-modal transformers that read them at that layer."""
-    pooled: dict[tuple[str, int], Tensor] = {}
+    pooled: PooledTokens = {}
     for source in modalities:
         for layer in layers:
             copies = [tokens[(t, source, layer)].mean(dim=1) for t in modalities if t != source]

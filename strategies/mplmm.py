@@ -1,172 +1,56 @@
 """MPLMM (Guo, Jin and Zhao, ACL 2024: multimodal prompt learning with missing modalities) on the
 frozen MulT, trained task after task like every other baseline (it has no continual mechanism).
 
-Its three kinds of prompts, as in the public code (``zrguo/MPLMM``, ``src/model.py``):
-
-* Generative prompts, one per modality m: when m is missing, [G_m ; f_(s->m)(x_s) for every
-  available s] (concatenated along the sequence; f an MLP map, Conv1d kernel 1 + GELU) goes
-  through an MLP over the sequence dimension (Conv1d over positions + GELU, one per target and
-  set of available modalities) to give m's missing sequence.
-* Missing-signal prompts, one "missing" S-_m and one "present" S+_m per modality (a full
-  sequence each): added to m's generated (missing) or real (present) sequence.
-* Missing-type prompts, one per memory (self-attention) transformer: T_t (P x d) times a (d x W)
-  matrix of the sample's missing case, sum_m (S+/-_m)^T N_m (N_m learnable, L_m x W, W the memory
-  width), so seven missing cases get seven prompts from shared parameters; attached in the memory
-  stage.
-
-Defaults and their sources (``zrguo/MPLMM``): prompt length 16 (``--prompt_length``); every
-prompt and N_m initialised uniform [0, 1) (``torch.rand``), ``init`` "normal" gives N(0, 0.02)
-instead; ``trainable_head`` "out": MPLMM trains ``out_layer`` with the prompts (it re-initialises
-it because its backbone comes from another dataset; here the pre-trained layer is kept and
-trained). MPLMM also trains the input projections for the same reason; here they stay frozen
-with the rest of the backbone. Its gradient clipping and learning-rate schedule are not
-reproduced: every method uses the runner's training protocol.
-
-Adaptations to MulT and to the prompt hook (the backbone is not modified):
-
-* The hook cannot replace the projected sequences the backbone computes inside ``forward``. So
-  generation and the missing-signal prompts work in each modality's raw feature space, by wrapping:
-  ``MPLMMModel.prepare`` unpacks the packed input (``cmmm.data.packing``), writes the generated raw
-  (L_m, D_m) sequence into a missing modality's zero-filled block, adds S+/-_m ((L_m, D_m) each) to
-  every modality's block and packs the result with the original presence mask: the input the
-  backbone runs on. The frozen projection W_m then maps them, so the backbone sees W_m x_m + W_m S_m
-  as MPLMM's proj(x_m) + S_m. When D_m >= d (W_m onto) this is an exact reparametrisation of MPLMM's
-  projected-space prompts; otherwise they are limited to the range of W_m, as the projected features
-  themselves are. The generator's width is D_m of the generated modality (MPLMM's: d): f_(s->m) maps
-  D_s -> D_m and G_m is P x D_m.
-* The missing-type matrix uses W_m S+/-_m (the projected missing-signal prompts, (L_m, d)),
-  exactly MPLMM's product on the projected prompts.
-* MPLMM appends the missing-type prompt as tokens to the memory transformer's input (and reads
-  the last time step, which is then a prompt token's output). The hook gives prefix key/value
-  tokens instead (memory sites, ``source`` None): the same T_t-derived prompt at each layer of
-  ``type_layers`` ("all" memory layers by default, as appended tokens take part in every layer),
-  passed through that layer's own frozen pre-attention LayerNorm, as a token of the sequence
-  would be; the last time step stays a real one.
-* The missing case is read from the presence mask of the input (MPLMM's ``missing_mod`` codes
-  0-6 are the seven patterns), so a batch may mix cases.
+Three kinds of prompts: generative prompts make a missing modality's sequence from the present
+ones (``cmmm.modality_generation``), in the raw feature space the packed input carries;
+missing-signal prompts S-_m / S+_m are added to m's generated or real sequence; missing-type
+prompts T_t, times a matrix of the sample's missing case built from shared parameters, are prefix
+tokens of the memory transformers. Defaults, their sources (``zrguo/MPLMM``) and the adaptations
+to MulT and to the prompt hook: docs/strategies.md#mplmm.
 """
 
 from __future__ import annotations
 
-import itertools
+from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cmmm.backbone import MulT, PromptSite
 from cmmm.data.patterns import all_patterns
 from cmmm.errors import ConfigError
-from cmmm.options import Option, parse_layers
-from cmmm.prompt_kit import TRAINABLE_HEAD, PromptStrategy, SitePrompts
+from cmmm.modality_generation import ModalityGenerators
+from cmmm.options import Option, parse_layers_or_all
+from cmmm.pattern_lookup import pattern_indices, pattern_lookup
+from cmmm.prompt_init import normal_parameter, rand_parameter
+from cmmm.prompt_kit import TRAINABLE_HEAD, PromptStrategy
 from cmmm.prompted_model import PromptedModel
 from cmmm.strategy import STRATEGIES, StrategyContext
 
 INITS = ("uniform", "normal")
+# "uniform": the code's torch.rand, U[0, 1); "normal": N(0, 0.02).
+INITIALISERS: dict[str, Callable[..., nn.Parameter]] = {
+    "uniform": rand_parameter,
+    "normal": normal_parameter,
+}
 
 
-class MPLMMPrompts(SitePrompts):
+class MPLMMPrompts(ModalityGenerators):
     def __init__(self, backbone: MulT, length: int, type_layers: tuple[int, ...], init: str):
-        super().__init__()
-        layout = backbone.layout
-        self.modalities = layout.modalities
-        self.seq_len = dict(zip(self.modalities, layout.seq_lens, strict=True))
-        self.dim = dict(zip(self.modalities, layout.feature_dims, strict=True))
-        self.length = length
+        param = INITIALISERS[init]
+        super().__init__(backbone, length, param)
         self.type_layers = type_layers
-        d, width = backbone.config.d_model, backbone.memory_width
-
-        def param(*shape: int) -> nn.Parameter:
-            if init == "uniform":
-                return nn.Parameter(torch.rand(*shape))
-            return nn.Parameter(torch.randn(*shape) * 0.02)
-
-        mods = self.modalities
-        self.generative = nn.ParameterDict({m: param(length, self.dim[m]) for m in mods})
-        self.cross_map = nn.ModuleDict(
-            {
-                f"{s}_to_{m}": nn.Conv1d(self.dim[s], self.dim[m], kernel_size=1)
-                for m in mods
-                for s in mods
-                if s != m
-            }
-        )
-        self.sequence_map = nn.ModuleDict(
-            {
-                self.sequence_key(m, subset): nn.Conv1d(
-                    length + sum(self.seq_len[s] for s in subset), self.seq_len[m], kernel_size=1
-                )
-                for m in mods
-                for subset in self.subsets(m)
-            }
-        )
+        d, width, mods = backbone.config.d_model, backbone.memory_width, self.modalities
         self.signal_missing = nn.ParameterDict({m: param(*self.block(m)) for m in mods})
         self.signal_present = nn.ParameterDict({m: param(*self.block(m)) for m in mods})
         self.missing_type = nn.ParameterDict({m: param(length, d) for m in mods})
         self.type_map = nn.ParameterDict({m: param(self.seq_len[m], width) for m in mods})
         self.patterns = all_patterns(len(mods))
-        # presence bits (modality i = bit i) -> index into self.patterns; -1: every one missing.
-        lookup = torch.full((2 ** len(mods),), -1, dtype=torch.long)
-        for i, p in enumerate(self.patterns):
-            lookup[sum(1 << b for b, present in enumerate(p) if present)] = i
-        self.register_buffer("_lookup", lookup, persistent=False)
-
-    def block(self, m: str) -> tuple[int, int]:
-        """(L_m, D_m): the shape of modality m's sequence."""
-        return self.seq_len[m], self.dim[m]
-
-    def subsets(self, target: str) -> list[tuple[str, ...]]:
-        """Every non-empty set of the other modalities, in layout order."""
-        others = [m for m in self.modalities if m != target]
-        return [s for n in range(1, len(others) + 1) for s in itertools.combinations(others, n)]
-
-    @staticmethod
-    def sequence_key(target: str, subset: tuple[str, ...]) -> str:
-        return f"{target}_from_{'_'.join(subset)}"
+        # presence bits -> index into self.patterns; not saved (it follows from the layout).
+        self.register_buffer("_lookup", pattern_lookup(self.patterns, len(mods)), persistent=False)
 
     def pattern_indices(self, presence: Tensor) -> Tensor:
-        bits = (presence > 0.5).long()
-        powers = 2 ** torch.arange(bits.shape[1], device=bits.device)
-        index = self._lookup.to(bits.device)[(bits * powers).sum(dim=1)]
-        # Checked on the device: no host synchronisation inside a training step.
-        torch._assert_async((index >= 0).all(), "mplmm: a sample has every modality missing")
-        return index
-
-    # --- generation and missing-signal prompts (raw feature space) -----------------------------
-
-    def generate(self, target: str, subset: tuple[str, ...], sources: dict[str, Tensor]) -> Tensor:
-        """(B, L_t, D_t): [G_t ; f_(s->t)(x_s) ...] mapped over the sequence dimension."""
-        batch = next(iter(sources.values())).shape[0]
-        parts = [self.generative[target].unsqueeze(0).expand(batch, -1, -1)]
-        for s in subset:
-            mapped = F.gelu(self.cross_map[f"{s}_to_{target}"](sources[s].transpose(1, 2)))
-            parts.append(mapped.transpose(1, 2))  # (B, L_s, D_t)
-        sequence = torch.cat(parts, dim=1)  # (B, P + sum L_s, D_t): positions as channels
-        return F.gelu(self.sequence_map[self.sequence_key(target, subset)](sequence))
-
-    def complete(self, features: dict[str, Tensor], presence: Tensor) -> dict[str, Tensor]:
-        """Every modality's (B, L_m, D_m) block: generated + S-_m where missing, x + S+_m where
-        present."""
-        present = presence > 0.5
-        completed = {}
-        for i, m in enumerate(self.modalities):
-            result = features[m] + self.signal_present[m]
-            missing = ~present[:, i]
-            if bool(missing.any()):
-                for subset in self.subsets(m):
-                    rows = missing.clone()
-                    for j, s in enumerate(self.modalities):
-                        if s != m:
-                            rows &= present[:, j] if s in subset else ~present[:, j]
-                    index = rows.nonzero().squeeze(1)
-                    if len(index) == 0:
-                        continue
-                    generated = self.generate(m, subset, {s: features[s][index] for s in subset})
-                    result = result.index_copy(0, index, generated + self.signal_missing[m])
-            completed[m] = result
-        return completed
-
-    # --- missing-type prompts (memory stage) ---------------------------------------------------
+        return pattern_indices(self._lookup, presence, "mplmm: a sample has every modality missing")
 
     def case_matrices(self, projections: nn.ModuleDict) -> Tensor:
         """(K, d, W): per pattern, sum_m (W_m S_m)^T N_m with S_m = S-_m if m is missing else
@@ -206,7 +90,8 @@ class MPLMMModel(PromptedModel):
         prompts: MPLMMPrompts = self.prompts  # type: ignore[assignment]
         layout = self.backbone.layout
         features, presence = layout.unpack(x)
-        completed = prompts.complete(features, presence)
+        signals = prompts.signal_present, prompts.signal_missing
+        completed = prompts.complete(features, presence, *signals)
         blocks = [completed[m].reshape(x.shape[0], -1) for m in layout.modalities]
         return torch.cat([*blocks, presence], dim=1)
 
@@ -243,13 +128,10 @@ class MPLMM(PromptStrategy):
     LAYER_OPTIONS = ()
 
     def check(self) -> None:
-        raw = str(self.opt("type_layers")).strip()
-        self.type_layers: tuple[int, ...] | None = None
-        if raw.lower() == "all":
-            self._values["type_layers"] = "all"
-        else:
-            self.type_layers = parse_layers("mplmm", "type_layers", raw)
-            self._values["type_layers"] = ",".join(map(str, self.type_layers))
+        self.type_layers = parse_layers_or_all("mplmm", "type_layers", self.opt("type_layers"))
+        # Stored normalised ("all" or a sorted comma list), as the run key reads it.
+        layers = self.type_layers
+        self._values["type_layers"] = "all" if layers is None else ",".join(map(str, layers))
 
     def make_model(self, backbone: MulT, ctx: StrategyContext) -> PromptedModel:
         available = backbone.config.self_layers
