@@ -146,9 +146,10 @@ def restore_template_state(template: Any, state: State, samples: StreamSamples) 
     saved_plugins = state["plugins"]
     types = [_type_name(plugin) for plugin in template.plugins]
     # A plugin that moved or was renamed lists its earlier names (``former_names``), so a run
-    # interrupted before the move resumes after it.
+    # interrupted before the move resumes after it. Only the class's own names count: a subclass
+    # (a method's plugin built on the kit's) was never called by its base's former names.
     if len(saved_plugins) != len(types) or not all(
-        entry["type"] in (name, *getattr(plugin, "former_names", ()))
+        entry["type"] in (name, *vars(type(plugin)).get("former_names", ()))
         for entry, name, plugin in zip(saved_plugins, types, template.plugins, strict=True)
     ):
         raise CheckpointError(

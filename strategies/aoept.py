@@ -2,8 +2,8 @@
 Modality-Missing Prompt Tuning", ICML 2026; seed ``001_c3b23fbb85f65bb6``) on the frozen MulT,
 trained task after task like every other baseline (it has no continual mechanism).
 
-Queries Q_(m,l) attend over a frozen K-means bank of m's pooled tokens (``cmmm.token_banks``),
-P_(m,l) = LN_m(Q + attn(Q, C, C)), gated by the other modalities (``cmmm.modality_gates``) and
+Queries Q_(m,l) attend over a frozen K-means bank of m's pooled tokens (``cmmm.kit.token_banks``),
+P_(m,l) = LN_m(Q + attn(Q, C, C)), gated by the other modalities (``cmmm.kit.modality_gates``) and
 summed over modalities after a shared prompt; InfoNCE (``cmmm.contrastive``) ties them to m's
 tokens. Sources and the reconstruction for MulT and the stream: docs/strategies.md#aoept.
 """
@@ -17,12 +17,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cmmm.aux_losses import cosine_info_nce
 from cmmm.backbone import MulT
-from cmmm.modality_gates import gate_mlp, instance_gates, presence_gate
-from cmmm.options import Option
-from cmmm.prompt_init import normal_parameter
-from cmmm.prompt_kit import (
+from cmmm.kit.aux_losses import cosine_info_nce
+from cmmm.kit.modality_gates import gate_mlp, instance_gates, presence_gate
+from cmmm.kit.prompt_init import normal_parameter
+from cmmm.kit.prompt_kit import (
     KMEANS_SEED,
     TRAINABLE_HEAD,
     PooledTokens,
@@ -31,9 +30,10 @@ from cmmm.prompt_kit import (
     layers_option,
     missing_or_every,
 )
+from cmmm.kit.token_banks import BANK_HEADS, ModalityBanks, attention_heads, pooled_site_tokens
+from cmmm.options import Option
 from cmmm.prompted_model import PromptedModel
 from cmmm.strategy import STRATEGIES, StrategyContext
-from cmmm.token_banks import BANK_HEADS, ModalityBanks, attention_heads, pooled_site_tokens
 
 
 class AOEPTPrompts(ModalityBanks):

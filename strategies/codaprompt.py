@@ -10,7 +10,7 @@ earlier slice and to each other (for K, A and the flattened P). While training, 
 penalty ``ortho_mu * sum_layers sum_{B in K, A, P} mean((B B^T - I)^2)`` over slices 0..t is added
 to the loss. At test the slices of every trained task are used; no task label is needed.
 
-The Gram-Schmidt initialisation and the penalty are ``cmmm.orthogonal``'s. Defaults, their
+The Gram-Schmidt initialisation and the penalty are ``cmmm.kit.orthogonal``'s. Defaults, their
 sources and the adaptations to MulT: docs/strategies.md#coda-prompt.
 """
 
@@ -24,9 +24,8 @@ from torch import Tensor, nn
 
 from cmmm.backbone import MulT
 from cmmm.errors import ConfigError
-from cmmm.options import Option
-from cmmm.orthogonal import ortho_penalty, orthogonalise_slice_
-from cmmm.prompt_kit import (
+from cmmm.kit.orthogonal import ortho_penalty, orthogonalise_slice_
+from cmmm.kit.prompt_kit import (
     TRAINABLE_HEAD,
     LayerPrompts,
     QueryPromptStrategy,
@@ -34,6 +33,7 @@ from cmmm.prompt_kit import (
     TaskPrompts,
     layers_option,
 )
+from cmmm.options import Option
 from cmmm.strategy import STRATEGIES, StrategyContext
 
 

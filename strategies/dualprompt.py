@@ -39,8 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from cmmm.backbone import MulT
-from cmmm.options import Option
-from cmmm.prompt_kit import (
+from cmmm.kit.prompt_kit import (
     TRAINABLE_HEAD,
     LayerPrompts,
     QueryPromptStrategy,
@@ -50,6 +49,7 @@ from cmmm.prompt_kit import (
     layers_option,
     uniform_parameter,
 )
+from cmmm.options import Option
 from cmmm.strategy import STRATEGIES, StrategyContext
 
 

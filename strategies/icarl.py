@@ -3,7 +3,8 @@
 Herding-selected exemplars per (task, class) group (per task on regression streams) share a memory
 of ``mem_size``; a task trains on its samples plus every exemplar, with the task loss plus
 ``alpha`` times the distillation of the previous model's outputs; prediction is by the nearest
-mean of exemplars (``cmmm.exemplars``) on classification streams, by the head on regression ones.
+mean of exemplars (``cmmm.kit.exemplars``) on classification streams, by the head on regression
+ones.
 How this differs from the class-incremental original, and the defaults:
 docs/strategies.md#icarl.
 """
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cmmm.errors import ConfigError
-from cmmm.exemplars import (
+from cmmm.kit.exemplars import (
     NearestMeanOfExemplars,
     dataset_features,
     exemplar_class_means,

@@ -1,6 +1,6 @@
 """L2P (Wang et al., CVPR 2022) on the frozen MulT. The pieces the query-based prompt baselines
 share (the frozen query, ``Selection``, ``LayerPrompts``, ``QueryPromptedModel``, the task plugin,
-``QueryPromptStrategy``) are ``cmmm.prompt_kit``'s.
+``QueryPromptStrategy``) are ``cmmm.kit.prompt_kit``'s.
 
 L2P: a pool of prompts, each with a learnable key. The query is the frozen backbone's pooled
 feature of the input without any prompt (``MulT.forward_features``, 180-d for three modalities,
@@ -45,8 +45,7 @@ from typing import Any
 from torch import Tensor
 
 from cmmm.backbone import MulT
-from cmmm.options import Option
-from cmmm.prompt_kit import (
+from cmmm.kit.prompt_kit import (
     TRAINABLE_HEAD,
     LayerPrompts,
     QueryPromptStrategy,
@@ -55,6 +54,7 @@ from cmmm.prompt_kit import (
     layers_option,
     uniform_parameter,
 )
+from cmmm.options import Option
 from cmmm.strategy import STRATEGIES, StrategyContext
 
 

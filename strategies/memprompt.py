@@ -21,9 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from cmmm.backbone import MulT, PromptSite
-from cmmm.options import Option
-from cmmm.prompt_init import kaiming_parameter, normal_parameter
-from cmmm.prompt_kit import (
+from cmmm.kit.prompt_init import kaiming_parameter, normal_parameter
+from cmmm.kit.prompt_kit import (
     TRAINABLE_HEAD,
     PromptStrategy,
     SitePrompts,
@@ -33,6 +32,7 @@ from cmmm.prompt_kit import (
     layers_option,
     missing_or_every,
 )
+from cmmm.options import Option
 from cmmm.prompted_model import PromptedModel
 from cmmm.strategy import STRATEGIES, StrategyContext
 

@@ -2,7 +2,7 @@
 frozen MulT, trained task after task like every other baseline (it has no continual mechanism).
 
 Three kinds of prompts: generative prompts make a missing modality's sequence from the present
-ones (``cmmm.modality_generation``), in the raw feature space the packed input carries;
+ones (``cmmm.kit.modality_generation``), in the raw feature space the packed input carries;
 missing-signal prompts S-_m / S+_m are added to m's generated or real sequence; missing-type
 prompts T_t, times a matrix of the sample's missing case built from shared parameters, are prefix
 tokens of the memory transformers. Defaults, their sources (``zrguo/MPLMM``) and the adaptations
@@ -19,11 +19,11 @@ from torch import Tensor, nn
 from cmmm.backbone import MulT, PromptSite
 from cmmm.data.patterns import all_patterns
 from cmmm.errors import ConfigError
-from cmmm.modality_generation import ModalityGenerators
+from cmmm.kit.modality_generation import ModalityGenerators
+from cmmm.kit.pattern_lookup import pattern_indices, pattern_lookup
+from cmmm.kit.prompt_init import normal_parameter, rand_parameter
+from cmmm.kit.prompt_kit import TRAINABLE_HEAD, PromptStrategy
 from cmmm.options import Option, parse_layers_or_all
-from cmmm.pattern_lookup import pattern_indices, pattern_lookup
-from cmmm.prompt_init import normal_parameter, rand_parameter
-from cmmm.prompt_kit import TRAINABLE_HEAD, PromptStrategy
 from cmmm.prompted_model import PromptedModel
 from cmmm.strategy import STRATEGIES, StrategyContext
 

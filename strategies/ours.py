@@ -6,7 +6,7 @@ Two strategies share this file: ``ours`` (continual, one experience per missing 
 Every reconstructed choice of method.md is an option (``OURS_OPTIONS``) with method.md's default,
 except the output layers (``trainable_head``, chosen on validation). What does not depend on these
 prompts (each sample's pattern, the task-specific sets and which of them trains, per-pattern
-output layers) is in ``cmmm.pattern_prompts``; the compositional variant has its own file.
+output layers) is in ``cmmm.kit.pattern_prompts``; the compositional variant has its own file.
 
 Prompts (L x d each, d = the model width, only on the cross-modal transformers; the memory
 self-attention transformers get none):
@@ -38,8 +38,7 @@ from torch import Tensor, nn
 
 from cmmm.data.patterns import Pattern, parse_pattern_pairs, swap_pairs
 from cmmm.errors import ConfigError
-from cmmm.options import Option, options_dataclass, parse_comma_list, parse_layers_or_auto
-from cmmm.pattern_prompts import (
+from cmmm.kit.pattern_prompts import (
     TASK_IDENTITIES,
     UNSEEN_RULES,
     OracleTaskIdentity,
@@ -48,14 +47,16 @@ from cmmm.pattern_prompts import (
     TaskSpecificSelector,
     assign_layers,
 )
-from cmmm.prompt_kit import require_mult
+from cmmm.kit.prompt_kit import require_mult
+from cmmm.options import Option, options_dataclass, parse_comma_list, parse_layers_or_auto
 from cmmm.prompted_model import HEAD_CHOICES, PATTERN_HEAD, PromptedModel, make_prompt_template
 from cmmm.strategy import STRATEGIES, Strategy, StrategyContext
 
 PROMPT_TYPES = ("m", "ta", "ts")
 PLACEMENTS = ("front", "back")
 COMBINES = ("sum", "concat")
-# The forms of cmmm.pattern_prompts.TASK_SPECIFIC_STORES ("compositional": ours_compositional.py).
+# The forms of cmmm.kit.pattern_prompts.TASK_SPECIFIC_STORES
+# ("compositional": ours_compositional.py).
 TASK_SPECIFIC_FORMS = ("per_pattern", "compositional")
 COMPOSITIONAL_UPDATES = ("current", "unused")
 
@@ -171,13 +172,13 @@ class OursOptions:
 
     ``trainable_head`` (method.md is silent): "pattern" (default since issue 18's study; not in
     the paper) gives each missing pattern its own copy of ``out_layer``, trained with its
-    task-specific set, so it cannot forget (``cmmm.pattern_prompts``); "none" (the paper's
+    task-specific set, so it cannot forget (``cmmm.kit.pattern_prompts``); "none" (the paper's
     prompts only), "out" or "all" train shared head layers, which every task moves.
 
     ``task_identity`` (``OracleTaskIdentity``), ``unseen_patterns`` (``PatternPrompts.
     task_specific_routes``) and ``task_specific_form`` (``TASK_SPECIFIC_STORES``; "compositional"
     and its ``compositional_update`` are ``strategies/ours_compositional.py``) are described where
-    they are implemented, in ``cmmm.pattern_prompts`` unless said otherwise.
+    they are implemented, in ``cmmm.kit.pattern_prompts`` unless said otherwise.
 
     ``positive_pairs``: "swap" (default) = the pairs of patterns related by swapping the first and
     the last modality of the layout, which for (audio, video, text) is method.md's audio<->text
@@ -358,7 +359,7 @@ class OursPrompts(PatternPrompts):
 class ContrastiveTaskLoss:
     """A plugin adding lam * L_con to the loss of every training minibatch (``before_backward``).
     The z_k come from the shared parameters only, so no data of other tasks is needed. A plain
-    class: see the plugins of ``cmmm.pattern_prompts``."""
+    class: see the plugins of ``cmmm.kit.pattern_prompts``."""
 
     # For checkpoints: the loss comes from the prompts (in the model's state); last_value only
     # reports the last minibatch. Its name when it was made inside a function: see former_names

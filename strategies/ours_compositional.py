@@ -9,7 +9,7 @@ shared, so old tasks can drift); "unused" trains only components no earlier task
 freezes them afterwards (no drift, but later tasks may find nothing left to train but the shared
 prompts).
 
-The store registers itself in ``cmmm.pattern_prompts.TASK_SPECIFIC_STORES``, so ``ours`` with
+The store registers itself in ``cmmm.kit.pattern_prompts.TASK_SPECIFIC_STORES``, so ``ours`` with
 ``task_specific_form=compositional`` uses it too; the strategy is ``ours`` with that form and
 ``unseen_patterns="own"`` (an unseen pattern's set is composed from trained components), looked
 up by name when it is made, so that this file does not import ``strategies.ours``.
@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from cmmm.data.patterns import Pattern
-from cmmm.pattern_prompts import (
+from cmmm.kit.pattern_prompts import (
     TASK_SPECIFIC_STORES,
     PatternOptions,
     PatternPrompts,

@@ -16,24 +16,24 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cmmm.aux_losses import (
+from cmmm.backbone import MulT, PromptContext, PromptSite
+from cmmm.kit.aux_losses import (
     CrossModalBatch,
     CrossModalCritic,
     WeightedAuxModel,
     WeightedAuxStrategy,
 )
-from cmmm.backbone import MulT, PromptContext, PromptSite
-from cmmm.modality_evaluators import ModalityEvaluators, evaluate_modalities
-from cmmm.options import Option
-from cmmm.orthogonal import pairwise_ortho_penalty
-from cmmm.prompt_init import normal_parameter
-from cmmm.prompt_kit import (
+from cmmm.kit.modality_evaluators import ModalityEvaluators, evaluate_modalities
+from cmmm.kit.orthogonal import pairwise_ortho_penalty
+from cmmm.kit.prompt_init import normal_parameter
+from cmmm.kit.prompt_kit import (
     TRAINABLE_HEAD,
     layers_option,
     per_source_prefix,
     pooled_projected_inputs,
     run_recording_cross_outputs,
 )
+from cmmm.options import Option
 from cmmm.prompted_model import PromptedModel
 from cmmm.strategy import STRATEGIES, StrategyContext
 

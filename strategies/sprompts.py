@@ -22,8 +22,7 @@ from torch import Tensor, nn
 
 from cmmm.backbone import MulT
 from cmmm.errors import ConfigError
-from cmmm.options import Option
-from cmmm.prompt_kit import (
+from cmmm.kit.prompt_kit import (
     KMEANS_SEED,
     LayerPrompts,
     QueryPromptedModel,
@@ -36,9 +35,10 @@ from cmmm.prompt_kit import (
     layers_option,
     uniform_parameter,
 )
+from cmmm.kit.task_heads import TaskHeads
+from cmmm.options import Option
 from cmmm.prompted_model import TRAINABLE_HEADS
 from cmmm.strategy import STRATEGIES, StrategyContext
-from cmmm.task_heads import TaskHeads
 
 METRICS = ("l1", "l2")
 

@@ -87,7 +87,7 @@ def strategy_imports(path: Path) -> set[str]:
 
 
 def test_no_strategy_module_imports_another() -> None:
-    """A method is one file: what two methods share lives in the core (``cmmm.prompt_kit``,
+    """A method is one file: what two methods share lives in the core (``cmmm.kit.prompt_kit``,
     ``cmmm.replay_sizes``), never in another method's file."""
     paths = sorted(p for p in (ROOT / "strategies").glob("*.py") if p.name != "__init__.py")
     assert len(paths) >= 10
@@ -154,3 +154,18 @@ def test_discovery_loads_the_entry_points_of_cmmm_plugins(monkeypatch: pytest.Mo
     discovery.load_plugins()
     discovery.load_plugins()  # once per process
     assert groups == ["cmmm.plugins"] and loaded == ["my_method"]
+
+
+def test_the_kernel_does_not_import_the_method_kit() -> None:
+    """``cmmm.kit`` holds what methods share; the kernel (backbone, data, runner, evaluator, lab
+    tools, CLI) runs every method alike and so never needs it."""
+    graph = import_graph()
+    assert any(module.startswith("cmmm.kit.") for module in graph)
+    found = [
+        f"{module} imports {target}"
+        for module, imports in sorted(graph.items())
+        if module.startswith("cmmm.") and not module.startswith("cmmm.kit")
+        for target in sorted(imports)
+        if target == "cmmm.kit" or target.startswith("cmmm.kit.")
+    ]
+    assert found == []

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cmmm.errors import ConfigError
-from cmmm.exemplars import herding_order
+from cmmm.kit.exemplars import herding_order
 from cmmm.replay_sizes import BUFFER_SIZES, expand_family, paper_sizes
 from cmmm.running import prepare, run
 from cmmm.strategy import STRATEGIES

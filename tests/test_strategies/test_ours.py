@@ -17,7 +17,7 @@ from cmmm.data.missing_stream import build_stream
 from cmmm.data.packing import PackedLayout
 from cmmm.data.patterns import all_patterns, parse_task_order
 from cmmm.errors import ConfigError
-from cmmm.pattern_prompts import pattern_key
+from cmmm.kit.pattern_prompts import pattern_key
 from cmmm.prompted_model import PromptedModel, make_prompt_template
 from cmmm.strategy import STRATEGIES, StrategyContext
 from strategies.ours import (

@@ -12,8 +12,8 @@ import torch
 
 from cmmm.backbone import PromptContext, PromptSite
 from cmmm.errors import ConfigError
-from cmmm.orthogonal import gram_schmidt_rows
-from cmmm.prompt_kit import cosine_matrix, frozen_query, kmeans
+from cmmm.kit.orthogonal import gram_schmidt_rows
+from cmmm.kit.prompt_kit import cosine_matrix, frozen_query, kmeans
 from cmmm.running import prepare, run
 from cmmm.strategy import STRATEGIES
 from strategies.codaprompt import CodaPrompts

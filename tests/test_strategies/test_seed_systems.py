@@ -13,9 +13,9 @@ import torch
 
 from cmmm.comparison import expand_strategies
 from cmmm.errors import ConfigError
-from cmmm.modality_evaluators import ModalityEvaluators, output_shift
-from cmmm.orthogonal import pairwise_ortho_penalty
-from cmmm.prompt_kit import missing_or_every, pooled_projected_inputs
+from cmmm.kit.modality_evaluators import ModalityEvaluators, output_shift
+from cmmm.kit.orthogonal import pairwise_ortho_penalty
+from cmmm.kit.prompt_kit import missing_or_every, pooled_projected_inputs
 from cmmm.running import prepare, run
 from cmmm.strategy import STRATEGIES
 from strategies.memprompt import retrieve
@@ -237,7 +237,7 @@ def test_memprompt_sums_the_shared_prompts_of_the_missing_modalities(root, tiny_
     model = template.model
     prompts = model.prompts
     x, _ = every_pattern(stream, per_task=1)
-    from cmmm.prompt_kit import frozen_site_tokens
+    from cmmm.kit.prompt_kit import frozen_site_tokens
 
     tokens = frozen_site_tokens(model.backbone, x, prompts.layers)
     _, presence = model.backbone.layout.unpack(x)

@@ -2,7 +2,7 @@
 
 * ``weighted_terms``: the weighted sum of named terms, each with its own weight option, and
   ``WeightedAuxModel``, a ``PromptedModel`` whose ``aux_loss`` is that sum after every training
-  forward (for ``cmmm.prompt_kit.aux_loss_plugin`` to add).
+  forward (for ``cmmm.kit.prompt_kit.aux_loss_plugin`` to add).
   ``WeightedAuxStrategy`` declares which options weigh the terms and adds the plugin.
 * A contrastive critic (``bilinear_scores``, ``info_nce``: InfoNCE, a standard lower bound of the
   mutual information between two views of the same samples) and ``CrossModalCritic``, which
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cmmm.backbone import MulT
-from cmmm.prompt_kit import PromptStrategy, aux_loss_plugin
+from cmmm.kit.prompt_kit import PromptStrategy, aux_loss_plugin
 from cmmm.prompted_model import PromptedModel
 
 
@@ -115,7 +115,7 @@ class WeightedAuxStrategy(PromptStrategy):
 class CrossModalBatch:
     """What a ``CrossModalCritic`` reads of the current batch: the (B, M, d) pooled inputs and the
     (B, M) presence mask, the (target, source) -> (B, L, d) cross-modal outputs as they are
-    produced (``cmmm.prompt_kit.run_recording_cross_outputs``), and target -> (B, M-1) source
+    produced (``cmmm.kit.prompt_kit.run_recording_cross_outputs``), and target -> (B, M-1) source
     weights once computed."""
 
     pooled: Tensor

@@ -1,12 +1,12 @@
 """Frozen K-means banks of each modality's pooled site tokens, and attention over them (AOEPT's
 modal-contextualised prompts: learnable queries that read a bank of what a modality looks like).
 
-A modality m's tokens at cross-modal layer l are ``cmmm.prompt_kit``'s site tokens, mean-pooled
+A modality m's tokens at cross-modal layer l are ``cmmm.kit.prompt_kit``'s site tokens, mean-pooled
 over time and averaged over the M-1 cross-modal transformers whose source is m
 (``pooled_site_tokens``). ``ModalityBanks`` keeps, per modality and prompted layer, the K-means
-centroids (``cmmm.prompt_kit.kmeans``) of those pooled tokens over the training samples where m is
-present, as buffers (in the state dict, never trained). A modality's bank is built once, from the
-first dataset where it is present, and frozen from then on.
+centroids (``cmmm.kit.prompt_kit.kmeans``) of those pooled tokens over the training samples
+where m is present, as buffers (in the state dict, never trained). A modality's bank is built
+once, from the first dataset where it is present, and frozen from then on.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ from torch import Tensor, nn
 
 from cmmm.backbone import MulT
 from cmmm.errors import ConfigError
-from cmmm.options import Option
-from cmmm.prompt_kit import (
+from cmmm.kit.prompt_kit import (
     PooledTokens,
     SitePrompts,
     frozen_inputs,
@@ -29,6 +28,7 @@ from cmmm.prompt_kit import (
     kmeans,
     mean_pooled_modality_tokens,
 )
+from cmmm.options import Option
 
 
 def pooled_site_tokens(

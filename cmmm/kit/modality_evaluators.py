@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cmmm.backbone import MulT
-from cmmm.prompt_kit import frozen_output
+from cmmm.kit.prompt_kit import frozen_output
 
 
 def output_shift(full: Tensor, dropped: Tensor, regression: bool) -> Tensor:

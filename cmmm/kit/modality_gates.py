@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from cmmm.prompt_kit import PooledTokens
+from cmmm.kit.prompt_kit import PooledTokens
 
 
 def gate_mlp(width: int, hidden: int) -> nn.Sequential:

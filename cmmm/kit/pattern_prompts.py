@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from cmmm.backbone import IndexedPrompt, MulT, PromptContext, PromptSite
 from cmmm.data.patterns import Pattern, all_patterns, nearest_pattern
 from cmmm.errors import ConfigError
-from cmmm.pattern_lookup import pattern_indices, pattern_lookup
+from cmmm.kit.pattern_lookup import pattern_indices, pattern_lookup
 from cmmm.prompted_model import PromptedModel, set_requires_grad
 from cmmm.registry import Registry
 
@@ -442,8 +442,12 @@ class TaskSpecificSelector:
     # For checkpoints: ``current`` is None again after every experience, and requires_grad is set
     # afresh before the next one.
     stateless_between_experiences = True
-    # Its name when strategies/ours.py made it (checkpoints written then still resume).
-    former_names = ("strategies.ours.make_task_specific_selector.<locals>.TaskSpecificSelector",)
+    # Its names when strategies/ours.py made it and before the method kit moved into cmmm/kit
+    # (checkpoints written then still resume).
+    former_names = (
+        "strategies.ours.make_task_specific_selector.<locals>.TaskSpecificSelector",
+        "cmmm.pattern_prompts.TaskSpecificSelector",
+    )
 
     def __init__(
         self,
@@ -490,7 +494,10 @@ class OracleTaskIdentity:
 
     # For checkpoints: the identities are cleared after every forward.
     stateless_between_experiences = True
-    former_names = ("strategies.ours.make_oracle_plugin.<locals>.OracleTaskIdentity",)
+    former_names = (
+        "strategies.ours.make_oracle_plugin.<locals>.OracleTaskIdentity",
+        "cmmm.pattern_prompts.OracleTaskIdentity",
+    )
 
     def __init__(self, prompts: PatternPrompts, patterns: Sequence[Pattern]) -> None:
         self.prompts = prompts

@@ -1,8 +1,8 @@
 """Initialisers of prompt parameters, each as the reference code it follows draws it.
 
-``uniform_parameter`` (``cmmm.prompt_kit``) is the uniform one of L2P and its successors
+``uniform_parameter`` (``cmmm.kit.prompt_kit``) is the uniform one of L2P and its successors
 (``rand_parameter`` here is MPLMM's uniform [0, 1)); the Gram-Schmidt initialisation of
-CODA-Prompt's components is ``cmmm.orthogonal``'s.
+CODA-Prompt's components is ``cmmm.kit.orthogonal``'s.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cmmm.backbone import MulT
-from cmmm.prompt_kit import SitePrompts
+from cmmm.kit.prompt_kit import SitePrompts
 
 
 class ModalityGenerators(SitePrompts):

@@ -290,6 +290,8 @@ def aux_loss_plugin_class() -> type:
         # For checkpoints: last_aux only reports the last minibatch and the model's aux_loss is
         # consumed by the step that made it; nothing here reaches the next experience.
         stateless_between_experiences = True
+        # Its name before the method kit moved into cmmm/kit (checkpoints written then resume).
+        former_names = ("cmmm.prompt_kit.aux_loss_plugin_class.<locals>.AuxLossPlugin",)
 
         def __init__(self, model: PromptedModel, aux_weight: float = 1.0) -> None:
             super().__init__()
@@ -319,6 +321,8 @@ def make_task_plugin(model: QueryPromptedModel) -> Any:
     loss added in ``before_backward``."""
 
     class QueryPromptPlugin(aux_loss_plugin_class()):  # type: ignore[misc]
+        former_names = ("cmmm.prompt_kit.make_task_plugin.<locals>.QueryPromptPlugin",)
+
         def before_training_exp(self, strategy: Any, *args: Any, **kwargs: Any) -> None:
             model.begin_task(strategy.experience.current_experience)
             strategy.make_optimizer()
