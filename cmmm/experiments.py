@@ -13,6 +13,7 @@ An experiment is a TOML file under ``experiments/``::
     [[rows]]
     label = "P_m"
     paper = "64.07 / 4.01"      # optional: the paper's AA / FM, shown for reference
+    claim = "below"             # optional: the paper's direction against the reference row
     strategy_options = { use_task_aware = false, use_task_specific = false }
 
 A row's fields override the base's; its ``strategy_options``, ``stream_options`` and
@@ -44,6 +45,13 @@ label>"`` in the file, or ``--reference``; by default the first row whose strate
 the paired difference of AA over the seeds both finished (``cmmm.significance``). The command
 line adds a ``zeroshot`` and a ``joint`` row made from the base settings (``with_headroom_rows``)
 unless the file says ``headroom = false`` or ``--no-headroom`` is given.
+
+Rows that say what the paper found get a verdict. A row's claim is its ``claim`` ("above" or
+"below" the reference row: for the paper's statements without numbers, as "m, TA, TS is the
+best order"), else the direction of its ``paper`` AA against the reference row's. The verdict
+(``cmmm.significance.verdict``) is "reproduced" when the row's paired interval against the
+reference excludes 0 on the paper's side, "not reproduced" on the other side, "undecided" when
+it includes 0.
 """
 
 from __future__ import annotations
@@ -62,7 +70,13 @@ from cmmm.comparison import HEADROOM_STRATEGIES, RunOutcome, run_or_reuse
 from cmmm.config import complete, resolve
 from cmmm.errors import ConfigError
 from cmmm.running import RunConfig, atomic_write_text
-from cmmm.significance import difference_cell, significance_footer
+from cmmm.significance import (
+    CLAIMS,
+    difference_cell,
+    significance_footer,
+    verdict,
+    verdict_footer,
+)
 from cmmm.summary import SeedStatistics, paired_differences
 
 if TYPE_CHECKING:
@@ -72,7 +86,7 @@ MERGED_OPTIONS = ("strategy_options", "stream_options", "backbone_options")
 # Five seeds unless the file says otherwise: enough for a 95 % interval to tell rows apart.
 DEFAULT_SEEDS = [0, 1, 2, 3, 4]
 
-ROW_ONLY = ("label", "paper", "grid")
+ROW_ONLY = ("label", "paper", "claim", "grid")
 
 # A grid dimension: the setting it varies, ("epochs",) or ("strategy_options", "lam"), and the
 # values it takes.
@@ -86,6 +100,16 @@ class ExperimentRow:
     paper: str | None = None
     # The grid values that made this row (setting name -> value); empty without a grid.
     grid_point: dict[str, Any] = field(default_factory=dict)
+    # The paper's direction against the reference row when it gives no numbers ("above" or
+    # "below"; None: from the paper numbers, if any).
+    claim: str | None = None
+
+    def paper_aa(self) -> float | None:
+        """The AA in ``paper`` ("71.87 / 0.13": 71.87); None without one."""
+        try:
+            return float((self.paper or "").split("/")[0])
+        except ValueError:
+            return None
 
 
 @dataclass(frozen=True)
@@ -228,6 +252,12 @@ def experiment_from_spec(
         if "label" not in row_spec:
             raise ConfigError(f"{where}: every row needs a label")
         row_grid = _grid_dimensions(row_spec.get("grid", {}), f"{where} grid")
+        claim = row_spec.get("claim")
+        if claim is not None and claim not in CLAIMS:
+            raise ConfigError(
+                f"{where}: claim must be one of {list(CLAIMS)} (the paper's direction against "
+                f"the reference row), got {claim!r}"
+            )
         if any(name == ("seed",) for name, _ in row_grid):
             raise ConfigError(f"{where}: seeds are the file's; list them in seeds = [...]")
         # The row's own grid replaces the file's for a setting both list.
@@ -248,7 +278,7 @@ def experiment_from_spec(
             parts = (str(row_spec["label"]), _point_label(point))
             label = " ".join(part for part in parts if part) or config.strategy
             grid_point = {".".join(name): value for name, value in point}
-            rows.append(ExperimentRow(label, config, row_spec.get("paper"), grid_point))
+            rows.append(ExperimentRow(label, config, row_spec.get("paper"), grid_point, claim))
     labels = [row.label for row in rows]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"{path}: row labels must be unique, got {labels}")
@@ -320,6 +350,10 @@ def markdown_table(
         header.insert(header.index("trainable"), f"AA − {reference} (paired)")
     if has_paper:
         header.append("paper AA / FM")
+    verdicts = row_verdicts(experiment, differences)
+    if verdicts:
+        header.append("verdict (paper's direction)")
+    claims = paper_claims(experiment)
     resolved = [complete(row.config) for row in experiment.rows]
     streams = {config.stream for config in resolved}
     epochs = {config.epochs for config in resolved}
@@ -356,10 +390,21 @@ def markdown_table(
         ]
         if has_paper:
             cells.append(row.paper or "")
+        if verdicts:
+            found_verdict = verdicts.get(row.label)
+            cells.append(
+                "reference"
+                if row.label == reference
+                else ""
+                if found_verdict is None
+                else f"{found_verdict} ({claims[row.label]})"
+            )
         lines.append("| " + " | ".join(cells) + " |")
         failures += [f"- {row.label} seed {o.seed}: {o.error}" for o in failed]
     if differences:
         lines += ["", significance_footer(differences, reference or "")]
+    if verdicts:
+        lines += ["", verdict_footer(verdicts, reference or "")]
     chosen = chosen_on_validation(experiment, outcomes)
     if chosen is not None:
         lines += [
@@ -396,6 +441,36 @@ def row_differences(
     return paired_differences(rows, experiment.reference_label())
 
 
+def paper_claims(experiment: Experiment) -> dict[str, str]:
+    """Row label -> the paper's direction against the reference row ("above" or "below"): the
+    row's ``claim``, else its paper AA against the reference row's (none when they are equal
+    or either is missing)."""
+    reference = experiment.reference_label()
+    rows = {row.label: row for row in experiment.rows}
+    reference_aa = rows[reference].paper_aa() if reference is not None else None
+    claims = {}
+    for row in experiment.rows:
+        if reference is None or row.label == reference:
+            continue
+        row_aa = row.paper_aa()
+        if row.claim is not None:
+            claims[row.label] = row.claim
+        elif row_aa is not None and reference_aa is not None and row_aa != reference_aa:
+            claims[row.label] = "above" if row_aa > reference_aa else "below"
+    return claims
+
+
+def row_verdicts(experiment: Experiment, differences: dict[str, Any]) -> dict[str, str]:
+    """Row label -> its verdict against the paper's direction, for the rows with a claim;
+    empty without a reference row with finished runs."""
+    if not differences:
+        return {}
+    return {
+        label: verdict(differences.get(label), claim)
+        for label, claim in paper_claims(experiment).items()
+    }
+
+
 def experiment_figure(experiment: Experiment, outcomes: dict[str, list[RunOutcome]]) -> Figure:
     """AA and FM per row (mean ± 95 % CI over seeds, each seed a dot), in the file's order."""
     from cmmm.plotting import RunGroup, comparison_figure
@@ -427,6 +502,8 @@ CSV_METRICS = [
     "aa_diff_vs_reference",
     "aa_diff_ci95",
     "aa_diff_significant",
+    "paper_claim",
+    "verdict",
 ]
 
 
@@ -440,9 +517,14 @@ def csv_table(experiment: Experiment, outcomes: dict[str, list[RunOutcome]]) -> 
     writer = csv.DictWriter(buffer, fieldnames=fieldnames, lineterminator="\n", restval="")
     writer.writeheader()
     differences = row_differences(experiment, outcomes)
+    claims, verdicts = paper_claims(experiment), row_verdicts(experiment, differences)
     for row in experiment.rows:
         stats, failed = _statistics(outcomes[row.label]), _failed(outcomes[row.label])
-        record: dict[str, Any] = {"configuration": row.label}
+        record: dict[str, Any] = {
+            "configuration": row.label,
+            "paper_claim": claims.get(row.label),
+            "verdict": verdicts.get(row.label),
+        }
         found = differences.get(row.label)
         if found is not None:
             record.update(

@@ -159,3 +159,36 @@ def significance_footer(
             else "."
         )
     )
+
+
+# The paper's direction for a row against its table's reference row: the row's AA is above or
+# below the reference's.
+CLAIMS = ("above", "below")
+VERDICTS = ("reproduced", "not reproduced", "undecided")
+
+
+def verdict(difference: tuple[Interval, list[int]] | None, claim: str) -> str:
+    """Whether a paired difference (row - reference) reproduces the paper's direction
+    ``claim``: "reproduced" (the interval excludes 0 on the paper's side), "not reproduced"
+    (it excludes 0 on the other side), "undecided" (it includes 0), or "n/a" (under 2 pairs)."""
+    if claim not in CLAIMS:
+        raise ValueError(f"claim must be one of {CLAIMS}, got {claim!r}")
+    if difference is None or difference[0].half_width is None:
+        return "n/a"
+    interval = difference[0]
+    if not interval.excludes_zero:
+        return "undecided"
+    return "reproduced" if (interval.mean > 0) == (claim == "above") else "not reproduced"
+
+
+def verdict_footer(verdicts: Mapping[str, str], reference: str) -> str:
+    """The sentence under a table's verdict column: how many claims each verdict got."""
+    counts = {name: sum(v == name for v in verdicts.values()) for name in (*VERDICTS, "n/a")}
+    told = ", ".join(f"{counts[name]} {name}" for name in VERDICTS)
+    return (
+        f"Verdict: the paper's direction of a row against {reference} (from its numbers, or "
+        "its stated claim) is *reproduced* when the paired interval excludes 0 on that side, "
+        "*not reproduced* when it excludes 0 on the other side, *undecided* when it includes "
+        f"0. **{told}**"
+        + (f" ({counts['n/a']} with fewer than 2 paired seeds)." if counts["n/a"] else ".")
+    )

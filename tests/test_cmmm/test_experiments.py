@@ -183,6 +183,63 @@ def test_tables_pair_rows_with_the_reference_and_add_headroom_rows(
         experiment.reference_label()
 
 
+def test_rows_get_a_verdict_against_the_papers_direction(tmp_path: Path, finished_run) -> None:
+    """A row's claim is its own (``claim``) or its paper AA against the reference row's; the
+    verdict column and footer say whether the paired interval agrees."""
+    import csv
+    import dataclasses
+    import io
+
+    from cmmm.comparison import RunOutcome
+    from cmmm.experiments import csv_table, markdown_table, paper_claims
+
+    path = tmp_path / "claims.toml"
+    path.write_text(
+        'stream = "synthetic"\nreference = "full"\nheadroom = false\n[base]\n'
+        'strategy = "naive"\n'
+        '[[rows]]\nlabel = "full"\npaper = "71.87 / 0.13"\n'
+        '[[rows]]\nlabel = "ablated"\nstrategy = "ewc"\npaper = "70.06 / 0.23"\n'
+        '[[rows]]\nlabel = "stated"\nstrategy = "lwf"\nclaim = "above"\n'
+        '[[rows]]\nlabel = "unclaimed"\nstrategy = "si"\n'
+    )
+    experiment = load_experiment(path)
+    assert paper_claims(experiment) == {"ablated": "below", "stated": "above"}
+    # ablated - full: -2, -2.5, -3 (excludes 0, paper: below); stated - full: +1, -1, +0.5.
+    aa = {
+        "full": [60.0, 62.0, 61.0],
+        "ablated": [58.0, 59.5, 58.0],
+        "stated": [61.0, 61.0, 61.5],
+        "unclaimed": [60.0, 62.0, 61.0],
+    }
+    outcomes = {row.label: [] for row in experiment.rows}
+    for label, values in aa.items():
+        for seed, value in enumerate(values):
+            result = dataclasses.replace(
+                finished_run,
+                config={**finished_run.config, "seed": seed},
+                aa=value,
+                valid=None,
+            )
+            outcomes[label].append(RunOutcome(label, seed, "ran", tmp_path, result))
+    table_of = (experiment, outcomes)
+    table = markdown_table(*table_of)
+    lines = {line.split(" | ")[0][2:]: line for line in table.splitlines() if line[:2] == "| "}
+    assert lines["full"].endswith("| reference |")
+    assert lines["ablated"].endswith("| 70.06 / 0.23 | reproduced (below) |")
+    assert lines["stated"].endswith("| undecided (above) |")
+    assert lines["unclaimed"].endswith("|  |  |")
+    assert "**1 reproduced, 0 not reproduced, 1 undecided**" in table
+    records = {r["configuration"]: r for r in csv.DictReader(io.StringIO(csv_table(*table_of)))}
+    assert (records["ablated"]["paper_claim"], records["ablated"]["verdict"]) == (
+        "below",
+        "reproduced",
+    )
+    assert records["unclaimed"]["verdict"] == records["full"]["verdict"] == ""
+    path.write_text(path.read_text().replace('claim = "above"', 'claim = "better"'))
+    with pytest.raises(ConfigError, match="row 3: claim must be one of"):
+        load_experiment(path)
+
+
 def test_the_table_names_the_row_chosen_on_validation(tmp_path: Path) -> None:
     """Two learning rates: the table shows each row's validation AA and names the row with the
     higher one, whatever the test AA says."""

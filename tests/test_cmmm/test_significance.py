@@ -160,3 +160,19 @@ def test_headroom_rows_are_added_once() -> None:
     assert with_headroom(["ewc"], "naive") == ["ewc", "naive", "zeroshot", "joint"]
     assert with_headroom(["joint", "naive"], "naive") == ["joint", "naive", "zeroshot"]
     assert with_headroom(["ewc"], None) == ["ewc", "zeroshot", "joint"]
+
+
+def test_verdicts_follow_the_papers_direction() -> None:
+    above = paired_difference({0: 12.0, 1: 12.5, 2: 13.0}, {0: 10.0, 1: 10.0, 2: 10.0})
+    below = paired_difference({0: 8.0, 1: 7.5, 2: 7.0}, {0: 10.0, 1: 10.0, 2: 10.0})
+    unclear = paired_difference({0: 10.0, 1: 12.0, 2: 11.0}, {0: 9.0, 1: 10.0, 2: 10.0})
+    assert significance.verdict(above, "above") == "reproduced"
+    assert significance.verdict(above, "below") == "not reproduced"
+    assert significance.verdict(below, "below") == "reproduced"
+    assert significance.verdict(unclear, "above") == "undecided"
+    assert significance.verdict(paired_difference({0: 1.0}, {0: 2.0}), "above") == "n/a"
+    assert significance.verdict(None, "below") == "n/a"
+    with pytest.raises(ValueError, match="claim"):
+        significance.verdict(above, "higher")
+    footer = significance.verdict_footer({"a": "reproduced", "b": "undecided", "c": "n/a"}, "r")
+    assert "**1 reproduced, 0 not reproduced, 1 undecided** (1 with fewer than 2" in footer
