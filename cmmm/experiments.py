@@ -60,6 +60,7 @@ import csv
 import io
 import itertools
 import json
+import statistics
 import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -410,8 +411,8 @@ def markdown_table(
         lines += [
             "",
             f"Chosen on validation: **{chosen}** (highest mean AA on the tasks' validation "
-            "splits among the rows other than the zeroshot and joint headroom rows; test "
-            "numbers choose nothing).",
+            "splits, over the seeds every compared row finished, among the rows other than "
+            "the zeroshot and joint headroom rows; test numbers choose nothing).",
         ]
     if failures:
         lines += ["", "Failed runs:", "", *failures]
@@ -421,15 +422,24 @@ def markdown_table(
 def chosen_on_validation(
     experiment: Experiment, outcomes: dict[str, list[RunOutcome]]
 ) -> str | None:
-    """The row a user should pick: the highest mean validation AA, headroom rows aside; None
-    when no row recorded validation AA."""
-    candidates = {
-        row.label: stats.mean("valid_aa")
+    """The row a user should pick: the highest mean validation AA over the seeds every
+    candidate recorded (so rows compare on the same seeds), headroom rows aside; None when no
+    seed is common to the rows that recorded validation AA."""
+    by_seed = {
+        row.label: stats.valid_aa_by_seed
         for row in experiment.rows
         if row.config.strategy not in HEADROOM_STRATEGIES
-        and (stats := _statistics(outcomes[row.label])).valid_aa
+        and (stats := _statistics(outcomes[row.label])).valid_aa_by_seed
     }
-    return max(candidates, key=candidates.__getitem__) if candidates else None
+    if not by_seed:
+        return None
+    common = set.intersection(*(set(values) for values in by_seed.values()))
+    if not common:
+        return None
+    means = {
+        label: statistics.fmean(values[s] for s in common) for label, values in by_seed.items()
+    }
+    return max(means, key=means.__getitem__)
 
 
 def row_differences(

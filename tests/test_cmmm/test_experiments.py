@@ -265,3 +265,35 @@ def test_the_table_names_the_row_chosen_on_validation(tmp_path: Path) -> None:
                 valid.setdefault(label, []).append(results["valid"]["aa"])
     best = max(valid, key=lambda label: statistics.mean(valid[label]))
     assert f"Chosen on validation: **{best}**" in table
+
+
+def test_the_choice_on_validation_compares_rows_on_their_common_seeds(
+    tmp_path: Path, finished_run
+) -> None:
+    """A row with fewer finished seeds is compared on those seeds only: here "partial" is
+    better than "full" on seeds 0-1, though "full" has the higher mean over its five seeds."""
+    import dataclasses
+
+    from cmmm.comparison import RunOutcome
+    from cmmm.experiments import chosen_on_validation
+
+    assert finished_run.valid is not None
+    path = tmp_path / "choice.toml"
+    path.write_text(
+        'stream = "synthetic"\nheadroom = false\n[base]\nstrategy = "naive"\n'
+        '[[rows]]\nlabel = "full"\n[[rows]]\nlabel = "partial"\nstrategy = "ewc"\n'
+    )
+    experiment = load_experiment(path)
+    valid = {"full": [80.0, 80.0, 90.0, 90.0, 90.0], "partial": [85.0, 85.0]}
+    outcomes = {label: [] for label in valid}
+    for label, values in valid.items():
+        for seed, value in enumerate(values):
+            result = dataclasses.replace(
+                finished_run,
+                config={**finished_run.config, "seed": seed},
+                valid=dataclasses.replace(finished_run.valid, aa=value),
+            )
+            outcomes[label].append(RunOutcome(label, seed, "ran", tmp_path, result))
+    assert chosen_on_validation(experiment, outcomes) == "partial"
+    outcomes["partial"] = outcomes["partial"][:0]
+    assert chosen_on_validation(experiment, outcomes) == "full"
