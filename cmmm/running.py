@@ -209,6 +209,48 @@ def count_parameters(model: nn.Module, trainable_only: bool) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
+@dataclass(frozen=True)
+class ParameterCounts:
+    """What a configuration trains: its model's trainable and total parameters, and the
+    backbone's (the paper's budget is a share of the backbone)."""
+
+    strategy: str
+    tasks: int
+    trainable: int
+    total: int
+    backbone: int
+
+    def text(self) -> str:
+        share = 100 * self.trainable / self.backbone
+        return (
+            f"{self.strategy} over {self.tasks} tasks: trainable parameters {self.trainable:,} "
+            f"({share:.2f} % of the backbone's {self.backbone:,}); model total {self.total:,}"
+        )
+
+
+def parameter_counts(
+    config: RunConfig | ResolvedRun, log: Callable[[str], None] = print
+) -> ParameterCounts:
+    """Build ``config``'s model on a freshly initialised backbone (parameter counts do not
+    depend on the weights, so nothing is pre-trained or cached) and count its parameters."""
+    from cmmm.backbone import MulT
+
+    resolved = resolve(config)
+    config = resolved.config
+    seed_everything(config.seed)
+    stream = load_stream(config, log)
+    backbone = MulT(stream.layout, backbone_config_for(stream.dataset, **config.backbone_options))
+    prepared = PreparedRun(stream, backbone, {}, torch.device("cpu"))
+    model = resolved.strategy.build(prepared.strategy_context(config, plugins=[])).model
+    return ParameterCounts(
+        config.strategy,
+        len(stream.tasks),
+        trainable=count_parameters(model, trainable_only=True),
+        total=count_parameters(model, trainable_only=False),
+        backbone=count_parameters(backbone, trainable_only=False),
+    )
+
+
 def environment_record() -> dict[str, Any]:
     versions = {}
     for package in ("cmmm", "torch", "avalanche-lib", "numpy", "torchmetrics", "transformers"):

@@ -162,13 +162,14 @@ def reports_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def parse_options(pairs: list[str]) -> dict[str, Any]:
-    """``-o key=value`` pairs; values are read as JSON where possible (numbers, booleans)."""
+def parse_options(pairs: list[str], flag: str = "--option") -> dict[str, Any]:
+    """``-o key=value`` pairs (or another ``flag``'s); values are read as JSON where possible
+    (numbers, booleans)."""
     options: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
-            raise ConfigError(f"--option {pair!r}: write key=value")
+            raise ConfigError(f"{flag} {pair!r}: write key=value")
         try:
             options[key] = json.loads(raw)
         except json.JSONDecodeError:

@@ -69,6 +69,15 @@ def run(
         list[str] | None,
         typer.Option("--option", "-o", help="strategy option key=value (repeatable)"),
     ] = None,
+    stream_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--stream-option",
+            "-s",
+            help="stream option key=value (repeatable; `cmmm list streams` lists them), e.g. "
+            "-s views=fou,fac,kar,pix,zer,mor",
+        ),
+    ] = None,
     config_file: Annotated[
         Path | None,
         typer.Option(
@@ -79,6 +88,13 @@ def run(
     ] = None,
     dry_run: Annotated[
         bool, typer.Option(help="print the fully resolved configuration as TOML and stop")
+    ] = False,
+    parameters: Annotated[
+        bool,
+        typer.Option(
+            help="build the model and print its trainable parameters against the backbone's, "
+            "then stop (no pre-training: the counts do not depend on the weights)"
+        ),
     ] = False,
     resume: Annotated[
         Path | None,
@@ -132,11 +148,11 @@ def run(
         **values.get("strategy_options", {}),
         **parse_options(option or []),
     }
-    if text is not None:
-        values["stream_options"] = {
-            **values.get("stream_options", {}),
-            **text_stream_options(values.get("stream", "synthetic"), text),
-        }
+    values["stream_options"] = {
+        **values.get("stream_options", {}),
+        **parse_options(stream_option or [], "--stream-option"),
+        **text_stream_options(values.get("stream", "synthetic"), text),
+    }
     resolved = resolve(values, where=str(config_file or "command line"))
     config = resolved.config
     if dry_run:
@@ -147,6 +163,11 @@ def run(
             f"{in_effect or ' none'}"
         )
         print(config_to_toml(config, header=header), end="")
+        return
+    if parameters:
+        from cmmm.running import parameter_counts
+
+        print(parameter_counts(resolved, log=lambda m: console.print(m, highlight=False)).text())
         return
 
     train_and_report(resolved, resume=False)

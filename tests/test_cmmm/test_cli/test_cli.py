@@ -206,3 +206,24 @@ def test_data_download_unknown_dataset(tmp_path) -> None:
 def test_data_download_user_supplied_dataset_says_where_to_put_it(tmp_path) -> None:
     result = runner.invoke(app, ["data", "download", "iemocap", "--data-dir", str(tmp_path)])
     assert_clean_error(result, "no public download", str(Path(tmp_path) / "iemocap"))
+
+
+def test_parameters_counts_what_a_run_trains_without_training(tmp_path, monkeypatch) -> None:
+    """``--parameters`` prints the trainable count a finished run records, and writes nothing;
+    ``-s`` sets stream options (here a small synthetic stream)."""
+    monkeypatch.chdir(tmp_path)
+    common = ["run", "--strategy", "ours", "--epochs", "1", "--pretrain-epochs", "1"]
+    common += ["-s", "n_train=48", "-s", "n_valid=16", "-s", "n_test=32", "--device", "cpu"]
+    common += ["--out", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")]
+    counted = runner.invoke(app, [*common, "--parameters"])
+    assert counted.exit_code == 0, counted.output
+    found = re.search(r"ours over 7 tasks: trainable parameters ([\d,]+) \(", counted.stdout)
+    assert found, counted.stdout
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
+    trained = runner.invoke(app, common)
+    assert trained.exit_code == 0, trained.output
+    (results_file,) = (tmp_path / "runs").glob("synthetic-ours-seed0-*/results.json")
+    results = json.loads(results_file.read_text())
+    assert results["config"]["stream_options"] == {"n_train": 48, "n_valid": 16, "n_test": 32}
+    assert int(found.group(1).replace(",", "")) == results["parameters"]["trainable"]
+    assert_clean_error(runner.invoke(app, ["run", "-s", "n_train"]), "--stream-option", "key=value")
