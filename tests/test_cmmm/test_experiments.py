@@ -38,6 +38,28 @@ strategy_options = { use_modality = false, use_task_aware = false }
 """
 
 
+def scored_outcomes(
+    experiment, finished_run, where: Path, scores: dict[str, list[float]], **changes_of
+) -> dict[str, list]:
+    """Outcomes of ``experiment``'s rows made of a real run's results with made-up scores:
+    seed s of a row gets ``scores[row][s]`` through ``changes_of`` (field name -> a function of
+    the score giving that field's value; default: the score is the AA) and no validation
+    scores unless ``changes_of`` gives some."""
+    import dataclasses
+
+    from cmmm.comparison import RunOutcome
+
+    changes_of = changes_of or {"aa": lambda score: score}
+    outcomes: dict[str, list] = {row.label: [] for row in experiment.rows}
+    for label, values in scores.items():
+        for seed, score in enumerate(values):
+            changes = {"valid": None, **{name: f(score) for name, f in changes_of.items()}}
+            config = {**finished_run.config, "seed": seed}
+            result = dataclasses.replace(finished_run, config=config, **changes)
+            outcomes[label].append(RunOutcome(label, seed, "ran", where, result))
+    return outcomes
+
+
 def test_rows_merge_options_and_other_strategies_do_not_inherit(tmp_path: Path) -> None:
     path = tmp_path / "tiny.toml"
     path.write_text(TINY)
@@ -143,7 +165,6 @@ def test_tables_pair_rows_with_the_reference_and_add_headroom_rows(
 ) -> None:
     import dataclasses
 
-    from cmmm.comparison import RunOutcome
     from cmmm.experiments import DEFAULT_SEEDS, markdown_table, with_headroom_rows
 
     path = tmp_path / "pair.toml"
@@ -160,20 +181,17 @@ def test_tables_pair_rows_with_the_reference_and_add_headroom_rows(
     ]
     # ewc - base: 1, 1.5, 1 over seeds 0-2 -> +1.17 ± 4.3027 * 0.2887 / sqrt(3) = 0.72.
     aa = {"base": [60.0, 62.0, 61.0], "ewc": [61.0, 63.5, 62.0]}
-    outcomes = {row.label: [] for row in experiment.rows}
-    for label, values in aa.items():
-        for seed, value in enumerate(values):
-            # A real run's results with made-up scores (no validation scores to match them).
-            result = dataclasses.replace(
-                finished_run,
-                config={**finished_run.config, "seed": seed},
-                aa=value,
-                fm=1.0,
-                parameters=dataclasses.replace(finished_run.parameters, trainable=1),
-                wall_time_seconds=1.0,
-                valid=None,
-            )
-            outcomes[label].append(RunOutcome(label, seed, "ran", tmp_path, result))
+    parameters = dataclasses.replace(finished_run.parameters, trainable=1)
+    outcomes = scored_outcomes(
+        experiment,
+        finished_run,
+        tmp_path,
+        aa,
+        aa=lambda score: score,
+        fm=lambda _: 1.0,
+        parameters=lambda _: parameters,
+        wall_time_seconds=lambda _: 1.0,
+    )
     table = markdown_table(experiment, outcomes)
     # ewc AA 61, 63.5, 62: s = sqrt(1.5833) = 1.2583, half-width 4.3027 * 1.2583 / sqrt(3) = 3.13.
     assert "| ewc | 62.17 ± 3.13 | 1.00 ± 0.00 | +1.17 ± 0.72 * |" in table
@@ -187,10 +205,8 @@ def test_rows_get_a_verdict_against_the_papers_direction(tmp_path: Path, finishe
     """A row's claim is its own (``claim``) or its paper AA against the reference row's; the
     verdict column and footer say whether the paired interval agrees."""
     import csv
-    import dataclasses
     import io
 
-    from cmmm.comparison import RunOutcome
     from cmmm.experiments import csv_table, markdown_table, paper_claims
 
     path = tmp_path / "claims.toml"
@@ -211,16 +227,7 @@ def test_rows_get_a_verdict_against_the_papers_direction(tmp_path: Path, finishe
         "stated": [61.0, 61.0, 61.5],
         "unclaimed": [60.0, 62.0, 61.0],
     }
-    outcomes = {row.label: [] for row in experiment.rows}
-    for label, values in aa.items():
-        for seed, value in enumerate(values):
-            result = dataclasses.replace(
-                finished_run,
-                config={**finished_run.config, "seed": seed},
-                aa=value,
-                valid=None,
-            )
-            outcomes[label].append(RunOutcome(label, seed, "ran", tmp_path, result))
+    outcomes = scored_outcomes(experiment, finished_run, tmp_path, aa)
     table_of = (experiment, outcomes)
     table = markdown_table(*table_of)
     lines = {line.split(" | ")[0][2:]: line for line in table.splitlines() if line[:2] == "| "}
@@ -274,7 +281,6 @@ def test_the_choice_on_validation_compares_rows_on_their_common_seeds(
     better than "full" on seeds 0-1, though "full" has the higher mean over its five seeds."""
     import dataclasses
 
-    from cmmm.comparison import RunOutcome
     from cmmm.experiments import chosen_on_validation
 
     assert finished_run.valid is not None
@@ -285,15 +291,13 @@ def test_the_choice_on_validation_compares_rows_on_their_common_seeds(
     )
     experiment = load_experiment(path)
     valid = {"full": [80.0, 80.0, 90.0, 90.0, 90.0], "partial": [85.0, 85.0]}
-    outcomes = {label: [] for label in valid}
-    for label, values in valid.items():
-        for seed, value in enumerate(values):
-            result = dataclasses.replace(
-                finished_run,
-                config={**finished_run.config, "seed": seed},
-                valid=dataclasses.replace(finished_run.valid, aa=value),
-            )
-            outcomes[label].append(RunOutcome(label, seed, "ran", tmp_path, result))
+    outcomes = scored_outcomes(
+        experiment,
+        finished_run,
+        tmp_path,
+        valid,
+        valid=lambda score: dataclasses.replace(finished_run.valid, aa=score),
+    )
     assert chosen_on_validation(experiment, outcomes) == "partial"
     outcomes["partial"] = outcomes["partial"][:0]
     assert chosen_on_validation(experiment, outcomes) == "full"
