@@ -354,7 +354,6 @@ def markdown_table(
     verdicts = row_verdicts(experiment, differences)
     if verdicts:
         header.append("verdict (paper's direction)")
-    claims = paper_claims(experiment)
     resolved = [complete(row.config) for row in experiment.rows]
     streams = {config.stream for config in resolved}
     epochs = {config.epochs for config in resolved}
@@ -392,20 +391,15 @@ def markdown_table(
         if has_paper:
             cells.append(row.paper or "")
         if verdicts:
-            found_verdict = verdicts.get(row.label)
-            cells.append(
-                "reference"
-                if row.label == reference
-                else ""
-                if found_verdict is None
-                else f"{found_verdict} ({claims[row.label]})"
-            )
+            claim, found = verdicts.get(row.label, ("", ""))
+            cells.append("reference" if row.label == reference else found and f"{found} ({claim})")
         lines.append("| " + " | ".join(cells) + " |")
         failures += [f"- {row.label} seed {o.seed}: {o.error}" for o in failed]
     if differences:
         lines += ["", significance_footer(differences, reference or "")]
     if verdicts:
-        lines += ["", verdict_footer(verdicts, reference or "")]
+        found_verdicts = {label: found for label, (_, found) in verdicts.items()}
+        lines += ["", verdict_footer(found_verdicts, reference or "")]
     chosen = chosen_on_validation(experiment, outcomes)
     if chosen is not None:
         lines += [
@@ -470,13 +464,13 @@ def paper_claims(experiment: Experiment) -> dict[str, str]:
     return claims
 
 
-def row_verdicts(experiment: Experiment, differences: dict[str, Any]) -> dict[str, str]:
-    """Row label -> its verdict against the paper's direction, for the rows with a claim;
-    empty without a reference row with finished runs."""
+def row_verdicts(experiment: Experiment, differences: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Row label -> (the paper's direction, its verdict), for the rows with a claim; empty
+    without a reference row with finished runs."""
     if not differences:
         return {}
     return {
-        label: verdict(differences.get(label), claim)
+        label: (claim, verdict(differences.get(label), claim))
         for label, claim in paper_claims(experiment).items()
     }
 
@@ -527,13 +521,14 @@ def csv_table(experiment: Experiment, outcomes: dict[str, list[RunOutcome]]) -> 
     writer = csv.DictWriter(buffer, fieldnames=fieldnames, lineterminator="\n", restval="")
     writer.writeheader()
     differences = row_differences(experiment, outcomes)
+    # The paper's claims are listed even before the reference row has finished runs.
     claims, verdicts = paper_claims(experiment), row_verdicts(experiment, differences)
     for row in experiment.rows:
         stats, failed = _statistics(outcomes[row.label]), _failed(outcomes[row.label])
         record: dict[str, Any] = {
             "configuration": row.label,
             "paper_claim": claims.get(row.label),
-            "verdict": verdicts.get(row.label),
+            "verdict": verdicts.get(row.label, (None, None))[1],
         }
         found = differences.get(row.label)
         if found is not None:
