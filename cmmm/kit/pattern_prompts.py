@@ -506,8 +506,12 @@ class OracleTaskIdentity:
         )
 
     def _set(self, strategy: Any) -> None:
-        labels = strategy.mb_task_id.long().cpu()
-        self.prompts.oracle_indices = self.table[labels].to(strategy.device)
+        labels = strategy.mb_task_id.long()
+        if self.table.device != labels.device:
+            # Moved once (the plugin is not checkpointed), so that a step on CUDA indexes on the
+            # device instead of copying the task ids to the host and back.
+            self.table = self.table.to(labels.device)
+        self.prompts.oracle_indices = self.table[labels]
 
     def _clear(self, strategy: Any) -> None:
         self.prompts.oracle_indices = None
