@@ -14,7 +14,7 @@ import platform
 import random
 import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata
 from pathlib import Path
@@ -89,6 +89,47 @@ def changed_options(strategy: str) -> dict[str, tuple[Any, Any]]:
     if strategy not in STRATEGIES:
         return {}  # an unknown name fails with its one-line error where the strategy is built
     return dict(STRATEGIES.get(strategy).defaults.get("changed_options", {}))
+
+
+def options_at_default(
+    strategy: str, options: Mapping[str, Any], keep: Collection[str] = ()
+) -> set[str]:
+    """The names in ``options`` (other than ``keep``) that change nothing: the strategy built
+    without them records the same options in effect (``Strategy.options``) as with them, so a
+    run that writes an option at the value it takes anyway is the run that leaves it out.
+
+    Conservative: an option the strategy does not record, a strategy that is not registered or
+    options that do not build (their one-line error comes where the strategy is built) count as
+    changing the run."""
+    from cmmm.strategy import STRATEGIES
+
+    if not options or strategy not in STRATEGIES:
+        return set()
+    factory = STRATEGIES.get(strategy).factory
+
+    def recorded(chosen: Mapping[str, Any]) -> dict[str, Any] | None:
+        try:
+            return factory(**chosen).options()
+        except (ConfigError, TypeError):
+            return None
+
+    everything = recorded(options)
+    if not everything:
+        return set()
+    redundant = {
+        name
+        for name in options
+        if name not in keep
+        and name in everything
+        and recorded({k: v for k, v in options.items() if k != name}) == everything
+    }
+    # Each alone changes nothing; dropped together they must not either (coupled options).
+    if (
+        redundant
+        and recorded({k: v for k, v in options.items() if k not in redundant}) != everything
+    ):
+        return set()
+    return redundant
 
 
 @dataclass
@@ -180,11 +221,16 @@ class RunConfig:
         # An option at the default it had before it changed is what a stored run without it
         # meant: hashed as absent, so those runs keep their keys (see changed_options).
         changed = changed_options(self.strategy)
-        material["strategy_options"] = {
+        options = {
             k: v
             for k, v in self.strategy_options.items()
             if not (k in changed and v == changed[k][0])
         }
+        # An option written at the value it takes anyway is the run without it: hashed as
+        # absent, so "-o prompt_length=16" reuses the default run. Changed options are kept:
+        # their new default is written on purpose (above) to tell them from stored runs.
+        at_default = options_at_default(self.strategy, options, keep=changed)
+        material["strategy_options"] = {k: v for k, v in options.items() if k not in at_default}
         return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:10]
 
     def run_dir(self) -> Path:

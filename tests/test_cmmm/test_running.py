@@ -20,7 +20,7 @@ from cmmm.data.missing_stream import layout_of
 from cmmm.errors import ConfigError, DatasetNotFoundError
 from cmmm.evaluation import average_accuracy_so_far, backward_transfer, forgetting_measure
 from cmmm.pretraining import backbone_config_for
-from cmmm.running import RunConfig, run
+from cmmm.running import RunConfig, options_at_default, run
 from streams.catalog import SYNTHETIC_DEFAULTS
 from streams.synthetic import SyntheticSpec, make_synthetic
 
@@ -99,6 +99,24 @@ def test_key_ignores_where_results_go_but_not_what_changes_them() -> None:
     assert base.key() == RunConfig(epochs=1, pretrain_epochs=1, out="x", cache_dir="y").key()
     assert base.key() != RunConfig(epochs=1, pretrain_epochs=1, seed=1).key()
     assert base.key() != RunConfig(epochs=1, pretrain_epochs=1, task_order="7,1").key()
+
+
+def test_an_option_written_at_its_default_is_the_run_without_it() -> None:
+    def key(strategy: str, **options: object) -> str:
+        return RunConfig(strategy=strategy, strategy_options=options).resolved().key()
+
+    assert key("ours", prompt_length=16, lam=0.1) == key("ours")
+    assert key("ours", prompt_length=8) != key("ours")
+    assert key("ours", prompt_length=8, lam=0.1) == key("ours", prompt_length=8)
+    assert key("er-250", mem_size=250) == key("er-250")  # a preset's own default
+    assert key("er-250", mem_size=500) != key("er-250")
+    # A changed default is still told apart: the old value names the stored runs' key, the new
+    # one is hashed explicitly (cmmm.running.changed_options).
+    assert key("ours", trainable_head="pattern") == key("ours")
+    assert key("ours", trainable_head="none") != key("ours")
+    # An option that does not build changes the run (its error comes when it is built).
+    assert options_at_default("ewc", {"mode": "online"}) == set()
+    assert options_at_default("no-such-strategy", {"x": 1}) == set()
 
 
 def test_environment_record(naive_run) -> None:
