@@ -39,6 +39,7 @@ import torch
 
 from cmmm.atomic_files import atomic_write
 from cmmm.errors import CheckpointError, one_line
+from cmmm.run_config import LOCATION_FIELDS
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # Bumped whenever the layout below changes; an unknown format is refused with a clear message.
@@ -46,9 +47,6 @@ CHECKPOINT_FILE = "checkpoint.pt"
 # checksum, written before it) still loads with a warning.
 CHECKPOINT_FORMAT = 2
 LEGACY_FORMAT = 1
-# RunConfig fields that say where and how a run is computed, not what it computes
-# (RunConfig.key() ignores them too): they may change between sessions.
-LOCATION_FIELDS = ("out", "data_dir", "cache_dir", "device", "threads", "eval_batch_size")
 
 
 @dataclass

@@ -20,36 +20,20 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from cmmm import running
-from cmmm.checkpoints import CHECKPOINT_FILE
-from cmmm.errors import ConfigError, DataError
-from cmmm.results import Results
-from cmmm.running import RunConfig, atomic_write_text
+from cmmm.atomic_files import atomic_write_text
+from cmmm.errors import ConfigError
+from cmmm.experiments import HEADROOM_STRATEGIES, collect_outcomes, strategies_experiment
+from cmmm.outcomes import RunOutcome
+from cmmm.run_config import RunConfig
 from cmmm.significance import difference_cell, paired_difference, significance_footer
 from cmmm.summary import Aggregate, aggregate, mean_spread, paired_differences
 
-# The rows every comparison shows unless told not to: what training adds over the pre-trained
-# backbone (zeroshot) and what training on all tasks at once reaches (joint).
-HEADROOM_STRATEGIES: tuple[str, ...] = ("zeroshot", "joint")
 DEFAULT_REFERENCE = "naive"
 ZEROSHOT = "zeroshot"
-
-# "missing": not finished and not run, because the comparison was asked for finished runs only.
-Status = Literal["reused", "ran", "failed", "missing"]
-
-
-@dataclass
-class RunOutcome:
-    strategy: str
-    seed: int
-    status: Status
-    results_path: Path
-    result: Results | None = None
-    error: str | None = None
 
 
 @dataclass
@@ -369,15 +353,6 @@ def expand_strategies(spec: str | Sequence[str], stream: str) -> list[str]:
     return names
 
 
-def read_results(path: Path) -> Results | None:
-    """A finished run's results, or None when the file is absent, unreadable or not a complete
-    ``results.json`` (then the run is run again)."""
-    try:
-        return Results.load(path)
-    except DataError:
-        return None
-
-
 def compare(
     base: RunConfig,
     strategies: Sequence[str],
@@ -392,9 +367,7 @@ def compare(
     ``reference``: the row the others' AA is compared with, seed by seed (if it is a row).
     """
     # A comparison is an experiment of one row per strategy, run by the experiments' runner;
-    # only its table is its own. Imported here: cmmm.experiments builds on this module.
-    from cmmm.experiments import collect_outcomes, strategies_experiment
-
+    # only its table is its own.
     if not seeds:
         raise ConfigError("--seeds must be >= 1")
     experiment = strategies_experiment(base, strategies, seeds)
@@ -406,39 +379,6 @@ def compare(
         rows=_rows(strategies, outcomes),
         reference=reference,
     )
-
-
-def run_or_reuse(
-    config: RunConfig, label: str, log: Callable[[str], None], run_missing: bool = True
-) -> RunOutcome:
-    """The run's results: read from ``run_dir()/results.json`` when present, else run now.
-
-    A failure is returned as a ``failed`` outcome (and logged) so that the caller's other runs
-    go on; an unreadable results file is run again. With ``run_missing`` False an unfinished
-    run is only reported (``missing``).
-    """
-    path = config.run_dir() / "results.json"
-    result = read_results(path)
-    if result is not None:
-        log(f"{label}: reusing {path}")
-        return RunOutcome(config.strategy, config.seed, "reused", path, result)
-    if not run_missing:
-        log(f"{label}: not finished; not run (--finished-only)")
-        return RunOutcome(config.strategy, config.seed, "missing", path)
-    if path.exists():
-        log(f"{label}: {path} is unreadable; running again")
-    # An interrupted run continues from its checkpoint (running.run refuses to start it over).
-    resume = (config.run_dir() / CHECKPOINT_FILE).exists()
-    log(f"{label}: {'resuming' if resume else 'running'}")
-    try:
-        # Looked up at call time so that tests can replace cmmm.running.run.
-        record = running.run(config, log=lambda message: log(f"  {message}"), resume=resume)
-        result = Results.from_json(record, path)
-    except Exception as error:  # noqa: BLE001 - reported; the other runs go on
-        message = f"{type(error).__name__}: {error}"
-        log(f"{label}: FAILED ({message})")
-        return RunOutcome(config.strategy, config.seed, "failed", path, None, message)
-    return RunOutcome(config.strategy, config.seed, "ran", path, result)
 
 
 def _rows(strategies: Sequence[str], outcomes: list[RunOutcome]) -> list[ComparisonRow]:

@@ -6,39 +6,25 @@ into a ``ResolvedRun``: the complete configuration (every unset value filled fro
 defaults, then the paper's; every setting checked) and the strategy it names, built from its
 options. ``cmmm run``, ``cmmm.run``, ``cmmm.running.run`` and the commands of many runs all go
 through it, so a setting is parsed, filled and checked in one place, and an unknown strategy or
-option fails before anything is loaded.
-
-The environment's defaults of the data and cache directories are read here too, and only here.
+option fails before anything is loaded. The settings themselves, their defaults and the run key
+are ``cmmm.run_config``'s.
 
 This module imports no heavy library at import time: the command line's help reads it.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cmmm.config_files import read_config_file
 from cmmm.errors import ConfigError
+from cmmm.run_config import RunConfig, complete
 
 if TYPE_CHECKING:
-    from cmmm.running import RunConfig
     from cmmm.strategy import Strategy
-
-DATA_DIR_ENV = "CMMM_DATA_DIR"
-CACHE_DIR_ENV = "CMMM_CACHE_DIR"
-
-
-def default_data_dir() -> str:
-    """The data directory when none is given: ``$CMMM_DATA_DIR``, else ``./data``."""
-    return os.environ.get(DATA_DIR_ENV, "data")
-
-
-def default_cache_dir() -> str:
-    """The cache directory when none is given: ``$CMMM_CACHE_DIR``, else ``./.cache``."""
-    return os.environ.get(CACHE_DIR_ENV, ".cache")
 
 
 @dataclass(frozen=True)
@@ -61,8 +47,6 @@ def resolve(source: Any = None, /, *, where: str | None = None, **overrides: Any
     (the defaults). ``where`` names the settings' source in error messages. Raises
     ``ConfigError`` for an unknown setting, strategy or option, or a value out of bounds.
     """
-    from cmmm.running import RunConfig
-
     if isinstance(source, ResolvedRun):
         if not overrides:
             return source
@@ -75,8 +59,6 @@ def resolve(source: Any = None, /, *, where: str | None = None, **overrides: Any
         values = dict(source)
         where = where or "settings"
     elif isinstance(source, str | Path):
-        from cmmm.config_files import read_config_file
-
         values = read_config_file(source)
         where = where or str(source)
     elif source is None:
@@ -89,22 +71,6 @@ def resolve(source: Any = None, /, *, where: str | None = None, **overrides: Any
     values.update(overrides)
     config = complete(RunConfig.from_mapping(values, where))
     return ResolvedRun(config, build_strategy(config))
-
-
-def complete(config: RunConfig) -> RunConfig:
-    """A copy of ``config`` with every unset value filled from the stream's defaults (then the
-    paper's), and the new defaults of the strategy's changed options under the options given
-    (``cmmm.running.changed_options``), checked: the configuration half of ``resolve``."""
-    from cmmm.data.catalog import STREAMS
-    from cmmm.running import PAPER_DEFAULTS, RunConfig, changed_options
-
-    defaults = {**PAPER_DEFAULTS, **STREAMS.get(config.stream).defaults}
-    filled = {
-        k: defaults[k] if v is None and k in defaults else v for k, v in asdict(config).items()
-    }
-    new_defaults = {name: new for name, (_, new) in changed_options(config.strategy).items()}
-    filled["strategy_options"] = {**new_defaults, **config.strategy_options}
-    return RunConfig(**filled).validate()
 
 
 def build_strategy(config: RunConfig) -> Strategy:

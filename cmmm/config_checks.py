@@ -26,6 +26,8 @@ MAX_SEED = 2**32 - 1
 # square; and in stream options (samples, lengths of the synthetic stream).
 MAX_BACKBONE_SIZE = 4096
 MAX_STREAM_SIZE = 10_000_000
+# How a task's pattern is applied below a missing rate of 1 (cmmm.data.missing_stream).
+MISSING_MODES: tuple[str, ...] = ("pattern", "split")
 
 _STRING_FIELDS = (
     "stream",
@@ -112,3 +114,13 @@ def _check_sizes(what: str, options: dict[str, Any], bound: int) -> None:
                 raise ConfigError(
                     f"{what} {name} must be at most {bound}, got {item}: it would not fit in memory"
                 )
+
+
+def check_missing_rate(rate: float, mode: str) -> None:
+    if not 0.0 <= rate <= 1.0:
+        raise ConfigError(
+            f"--missing-rate must lie in [0, 1] (the share of a task's samples that follow its "
+            f"pattern; 0.7 for the seeds' 70 % setting), got {rate}"
+        )
+    if mode not in MISSING_MODES:
+        raise ConfigError(f"--missing-mode must be one of {', '.join(MISSING_MODES)}, got {mode!r}")

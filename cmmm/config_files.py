@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cmmm.errors import ConfigError
-from cmmm.running import RunConfig
+from cmmm.run_config import RunConfig
 
 # A run's settings fit in a few kilobytes; a results.json with its history in well under this.
 MAX_CONFIG_BYTES = 16 * 2**20

@@ -24,7 +24,7 @@ def live_listing() -> dict[str, list[Entry]]:
     """Every registered strategy and stream, from the registries themselves (imports torch)."""
     from cmmm.data.catalog import STREAMS
     from cmmm.discovery import load_plugins
-    from cmmm.running import PAPER_DEFAULTS
+    from cmmm.run_config import PAPER_DEFAULTS
     from cmmm.strategy import STRATEGIES
 
     load_plugins()

@@ -3,7 +3,7 @@
 For each M the synthetic stream gets M modalities, so 2^M - 1 tasks (every non-empty missing
 pattern). Each (M, strategy) pair is one ``RunConfig`` run by ``cmmm.running.run``, the runner
 and evaluator every strategy goes through, and reused when its ``results.json`` exists
-(``cmmm.comparison.run_or_reuse``), so a benchmark that was interrupted, or extended by one more
+(``cmmm.outcomes.run_or_reuse``), so a benchmark that was interrupted, or extended by one more
 M, only runs what is missing. The table gives trainable parameters, the task-specific prompt
 parameters (per pattern they grow with 2^M - 1, composed from per-modality components with 2M),
 AA, FM and the run's train and wall time as its ``results.json`` recorded them.
@@ -23,12 +23,13 @@ from typing import Any
 import torch
 from rich.table import Table
 
+from cmmm.atomic_files import atomic_write_text
 from cmmm.backbone import MulT
-from cmmm.comparison import RunOutcome, Status, run_or_reuse
-from cmmm.config import complete
 from cmmm.errors import ConfigError
+from cmmm.outcomes import RunOutcome, Status, run_or_reuse
 from cmmm.pretraining import backbone_config_for
-from cmmm.running import PreparedRun, RunConfig, atomic_write_text, load_stream, resolve_device
+from cmmm.run_config import RunConfig, complete
+from cmmm.running import PreparedRun, load_stream, resolve_device
 
 # The synthetic generator's own three first, then extra ones. Pattern codes use a modality's first
 # letter (cmmm.data.patterns.short_name), so the extras start with letters other than a, v and t

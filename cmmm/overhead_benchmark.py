@@ -23,12 +23,12 @@ from dataclasses import dataclass
 import torch
 from rich.table import Table
 
-from cmmm.config import complete
 from cmmm.errors import ConfigError
 from cmmm.optimizers import adam
 from cmmm.plain_training import train_epoch
 from cmmm.pretraining import task_criterion
-from cmmm.running import RunConfig, prepare, seed_everything
+from cmmm.run_config import RunConfig, complete
+from cmmm.running import prepare, seed_everything
 from cmmm.strategy import STRATEGIES
 
 

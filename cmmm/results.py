@@ -26,14 +26,6 @@ import numpy as np
 from cmmm.errors import DataError
 
 RESULTS_FILE = "results.json"
-# Run settings added after results existed, with the value every earlier run had: an older
-# results.json lacks them, and the run key leaves them out at these values so that finished runs
-# keep their keys (and are reused) across versions.
-ADDED_SETTINGS: dict[str, Any] = {
-    "eval_patterns": "",
-    "missing_rate": 1.0,
-    "missing_mode": "pattern",
-}
 
 T = TypeVar("T")
 Matrix = list[list[float | None]]

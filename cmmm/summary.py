@@ -9,7 +9,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self
 
-from cmmm.results import ADDED_SETTINGS, Results
+from cmmm.results import Results
+from cmmm.run_config import ADDED_SETTINGS
 from cmmm.significance import Interval, half_width, interval_cell, paired_difference
 
 

@@ -23,7 +23,7 @@ from cmmm import running
 from cmmm.config import resolve
 from cmmm.errors import ConfigError
 from cmmm.experiments import Experiment, ExperimentRow
-from cmmm.running import RunConfig
+from cmmm.run_config import RunConfig
 from cmmm.sweeping import import_ray, ray_session, run_sweep
 
 

@@ -30,11 +30,12 @@ from types import ModuleType
 from typing import Any
 
 from cmmm import running
-from cmmm.comparison import RunOutcome, read_results
+from cmmm.atomic_files import atomic_write_text
 from cmmm.errors import ConfigError, DataError
 from cmmm.experiments import Experiment, PlannedRun, write_tables
+from cmmm.outcomes import RunOutcome, read_results
 from cmmm.results import Results
-from cmmm.running import RunConfig, atomic_write_text
+from cmmm.run_config import RunConfig
 
 # ``cmmm.running.run``'s signature: ``(config, log=...) -> results``.
 RunFunction = Callable[..., dict[str, Any]]

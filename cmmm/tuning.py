@@ -22,10 +22,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from cmmm.comparison import HEADROOM_STRATEGIES, RunOutcome
+from cmmm.atomic_files import atomic_write_text
 from cmmm.errors import ConfigError
-from cmmm.experiments import Experiment, collect_outcomes, experiment_from_spec
-from cmmm.running import RunConfig, atomic_write_text
+from cmmm.experiments import HEADROOM_STRATEGIES, Experiment, collect_outcomes, experiment_from_spec
+from cmmm.outcomes import RunOutcome
+from cmmm.run_config import RunConfig
 from cmmm.significance import Interval, difference_cell, paired_difference
 from cmmm.summary import SeedStatistics
 

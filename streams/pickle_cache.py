@@ -47,6 +47,9 @@ MEMORY_PER_FILE_BYTE = 6
 EXIT_DATA_ERROR = 3
 EXIT_OUT_OF_MEMORY = 4
 _LOG_PREFIX = "log: "
+# The module whose ``python -m`` is the conversion child: the loader runs ``conversion_child``
+# with itself, so the cache never imports the loader (the loader imports the cache).
+CONVERTER_MODULE = "streams.pickles"
 
 
 def cache_entry(path: Path, stream: str, cache_dir: Path) -> Path:
@@ -102,7 +105,7 @@ def convert_in_child(
     command = [
         sys.executable,
         "-m",
-        "streams.pickle_cache",
+        CONVERTER_MODULE,
         str(path),
         stream,
         str(entry),
@@ -269,10 +272,12 @@ def _address_space() -> int:
         return 0
 
 
-def _child(argv: list[str]) -> int:
+def conversion_child(
+    argv: list[str], load_pickle_file: Callable[[Path, str, Log], MultimodalDataset]
+) -> int:
+    """The child's whole work: limit itself, load the pickle (``argv``: path, stream, cache
+    entry, CPU seconds, bytes of memory) and write its arrays; the exit code says how it went."""
     path, stream, entry, cpu_seconds, memory = argv
-    from streams.pickles import load_pickle_file
-
     _limit(resource.RLIMIT_CPU, int(cpu_seconds))
     _limit(resource.RLIMIT_AS, int(memory))
 
@@ -288,7 +293,3 @@ def _child(argv: list[str]) -> int:
     except MemoryError:
         return EXIT_OUT_OF_MEMORY
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_child(sys.argv[1:]))

@@ -18,6 +18,7 @@ silently zeroing it would train on garbage.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal
@@ -26,6 +27,7 @@ import numpy as np
 
 from cmmm.data.dataset import MetricFamily, MultimodalDataset, Split, TaskType
 from cmmm.errors import ConfigError, DataError, DatasetNotFoundError
+from streams.pickle_cache import cached_pickle_dataset, conversion_child
 from streams.safe_pickle import safe_load
 
 Log = Callable[[str], object]
@@ -101,8 +103,6 @@ def load_pickle_stream(
             f"file in {directory}/ (or pass another data directory)."
         )
     if cache_dir is not None:
-        from streams.pickle_cache import cached_pickle_dataset
-
         return cached_pickle_dataset(path, stream, cache_dir, log)
     return load_pickle_file(path, stream, log)
 
@@ -461,3 +461,7 @@ def _report_zeroed(zeroed: Mapping[str, int], path: Path, log: Log) -> None:
             f"{path}: replaced -inf by 0 in audio (as MulT and MMSA do): "
             + ", ".join(f"{split} {count}" for split, count in zeroed.items())
         )
+
+
+if __name__ == "__main__":  # the sandboxed conversion child of streams.pickle_cache
+    sys.exit(conversion_child(sys.argv[1:], load_pickle_file))

@@ -46,7 +46,7 @@ def benchmark_overhead(
 ) -> None:
     """Time `naive` through Avalanche against the same training in a plain PyTorch loop."""
     from cmmm.overhead_benchmark import measure_overhead
-    from cmmm.running import RunConfig
+    from cmmm.run_config import RunConfig
 
     config = RunConfig(stream=stream, epochs=epochs, batch_size=batch_size, seed=seed)
     config = with_directories(config, data_dir, cache_dir)
@@ -77,7 +77,7 @@ def benchmark_sweep(
     import contextlib
     import tempfile
 
-    from cmmm.running import RunConfig
+    from cmmm.run_config import RunConfig
     from cmmm.sweep_benchmark import measure_sweep_throughput
 
     try:
@@ -128,7 +128,7 @@ def benchmark_modalities(
     """Parameters, AA, FM and time on synthetic streams with M = 3, 4, 5 modalities."""
     from cmmm.modality_benchmark import benchmark_modalities as run_benchmark
     from cmmm.modality_benchmark import parse_modality_counts, parse_strategies
-    from cmmm.running import RunConfig
+    from cmmm.run_config import RunConfig
 
     counts = parse_modality_counts(modalities)
     names = parse_strategies(strategies)

@@ -206,7 +206,7 @@ def given_on_command_line(ctx: typer.Context, name: str) -> bool:
 
 def directory_overrides(data_dir: Path | None, cache_dir: Path | None) -> dict[str, Any]:
     """--data-dir/--cache-dir as ``RunConfig`` settings, when given; the settings left out
-    take the environment's defaults (``cmmm.config.default_data_dir``)."""
+    take the environment's defaults (``cmmm.run_config.default_data_dir``)."""
     overrides: dict[str, Any] = {}
     if data_dir is not None:
         overrides["data_dir"] = str(data_dir)

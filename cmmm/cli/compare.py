@@ -98,7 +98,7 @@ def compare(
     from cmmm.comparison import DEFAULT_REFERENCE, expand_strategies, with_headroom
     from cmmm.comparison import compare as compare_runs
     from cmmm.data.catalog import STREAMS
-    from cmmm.running import RunConfig
+    from cmmm.run_config import RunConfig
 
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")

@@ -35,8 +35,8 @@ def data_download(
     ] = None,
 ) -> None:
     """Fetch a data set's published files, verify every sha256, and install them all or none."""
-    from cmmm.config import default_data_dir
     from cmmm.discovery import plugin_module
+    from cmmm.run_config import default_data_dir
 
     download_dataset = plugin_module("streams.download").download_dataset
     target_root = data_dir or Path(default_data_dir())
@@ -79,8 +79,8 @@ def data_encode_text(
     """Encode a data set's transcripts into token sequences (cached) for `cmmm run --text NAME`."""
     import time
 
-    from cmmm.config import default_cache_dir, default_data_dir
     from cmmm.discovery import plugin_module
+    from cmmm.run_config import default_cache_dir, default_data_dir
 
     mosi = plugin_module("streams.mosi")
 

@@ -25,13 +25,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from cmmm.config_checks import check_missing_rate
 from cmmm.data.dataset import MultimodalDataset, Split
 from cmmm.data.packing import PackedLayout
 from cmmm.data.patterns import Pattern, pattern_code, pattern_name
 from cmmm.errors import ConfigError
 
 TaskData = Literal["full", "disjoint"]
-MISSING_MODES: tuple[str, ...] = ("pattern", "split")
 SPLIT_IDS = {"train": 0, "valid": 1, "test": 2}
 
 # The data attribute naming each training sample of the Avalanche benchmark (avalanche_benchmark).
@@ -61,16 +61,6 @@ def pattern_keep_vector(layout: PackedLayout, pattern: Pattern) -> torch.Tensor:
     ]
     parts.append(torch.tensor([float(p) for p in pattern]))
     return torch.cat(parts)
-
-
-def check_missing_rate(rate: float, mode: str) -> None:
-    if not 0.0 <= rate <= 1.0:
-        raise ConfigError(
-            f"--missing-rate must lie in [0, 1] (the share of a task's samples that follow its "
-            f"pattern; 0.7 for the seeds' 70 % setting), got {rate}"
-        )
-    if mode not in MISSING_MODES:
-        raise ConfigError(f"--missing-mode must be one of {', '.join(MISSING_MODES)}, got {mode!r}")
 
 
 def sample_patterns(

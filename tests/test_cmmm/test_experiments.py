@@ -47,7 +47,7 @@ def scored_outcomes(
     scores unless ``changes_of`` gives some."""
     import dataclasses
 
-    from cmmm.comparison import RunOutcome
+    from cmmm.outcomes import RunOutcome
 
     changes_of = changes_of or {"aa": lambda score: score}
     outcomes: dict[str, list] = {row.label: [] for row in experiment.rows}
@@ -123,8 +123,8 @@ def test_run_writes_a_table_and_reuses_finished_runs(tmp_path: Path) -> None:
     experiment.seeds = experiment.seeds[:-1]
 
     # The figure plots each row's seed mean, in the file's order.
-    from cmmm.comparison import run_or_reuse
     from cmmm.experiments import experiment_figure
+    from cmmm.outcomes import run_or_reuse
     from cmmm.running import RunConfig
 
     outcomes = {

@@ -20,7 +20,8 @@ from cmmm.data.missing_stream import layout_of
 from cmmm.errors import ConfigError, DatasetNotFoundError
 from cmmm.evaluation import average_accuracy_so_far, backward_transfer, forgetting_measure
 from cmmm.pretraining import backbone_config_for
-from cmmm.running import RunConfig, options_at_default, run
+from cmmm.run_config import options_at_default
+from cmmm.running import RunConfig, run
 from streams.catalog import SYNTHETIC_DEFAULTS
 from streams.synthetic import SyntheticSpec, make_synthetic
 

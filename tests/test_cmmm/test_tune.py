@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cmmm.cli import app
-from cmmm.comparison import RunOutcome
 from cmmm.errors import ConfigError
+from cmmm.outcomes import RunOutcome
 from cmmm.results import Results, Validation
 from cmmm.tuning import (
     chosen_settings,

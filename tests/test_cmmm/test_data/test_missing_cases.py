@@ -16,11 +16,12 @@ from typer.testing import CliRunner
 
 from cmmm.cli import app
 from cmmm.comparison import Comparison, _rows
-from cmmm.comparison import RunOutcome as Outcome
 from cmmm.data.missing_stream import build_stream, sample_patterns
 from cmmm.data.patterns import all_patterns, nearest_pattern, parse_eval_patterns
 from cmmm.errors import ConfigError
-from cmmm.results import ADDED_SETTINGS, Results
+from cmmm.outcomes import RunOutcome as Outcome
+from cmmm.results import Results
+from cmmm.run_config import ADDED_SETTINGS
 from cmmm.running import RunConfig, RunStopped, run
 from strategies.ours import OursOptions, OursPrompts
 
