@@ -169,3 +169,60 @@ def test_the_kernel_does_not_import_the_method_kit() -> None:
         if target == "cmmm.kit" or target.startswith("cmmm.kit.")
     ]
     assert found == []
+
+
+def import_loops(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The groups of modules that import each other round a loop (strongly connected components
+    of more than one module; imports inside functions count, since they only hide a loop).
+    Edges to package ``__init__`` modules are left out: ``from cmmm import running`` names the
+    package, but imports the module."""
+    packages = {m for m in graph if (ROOT / m.replace(".", "/") / "__init__.py").is_file()}
+    edges = {
+        m: sorted(t for t in ts if t in graph and t not in packages and t != m)
+        for m, ts in graph.items()
+        if m not in packages
+    }
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    loops: list[list[str]] = []
+
+    def visit(module: str) -> None:  # Tarjan's algorithm
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for target in edges[module]:
+            if target not in index:
+                visit(target)
+                low[module] = min(low[module], low[target])
+            elif target in stack:
+                low[module] = min(low[module], index[target])
+        if low[module] == index[module]:
+            group = []
+            while True:
+                member = stack.pop()
+                group.append(member)
+                if member == module:
+                    break
+            if len(group) > 1:
+                loops.append(sorted(group))
+
+    for module in sorted(edges):
+        if module not in index:
+            visit(module)
+    return sorted(loops)
+
+
+def test_no_modules_import_each_other_round_a_loop() -> None:
+    """A loop hides which module builds on which: each module stands above what it imports."""
+    assert import_loops(import_graph()) == []
+
+
+def test_an_import_loop_is_caught() -> None:
+    graph = {
+        "cmmm.a": {"cmmm.b"},
+        "cmmm.b": {"cmmm.c", "cmmm"},
+        "cmmm.c": {"cmmm.a"},
+        "cmmm.d": {"cmmm.a"},
+        "cmmm": {"cmmm.d"},  # the package's __init__: not a module of a loop
+    }
+    assert import_loops(graph) == [["cmmm.a", "cmmm.b", "cmmm.c"]]
