@@ -98,6 +98,13 @@ class RunGroup:
     def seeds(self) -> list[int]:
         return [run.seed for run in self.runs]
 
+    def missing_note(self) -> str:
+        """What a panel says for a metric the group has no value of: FM of a one-row matrix
+        (joint training; zeroshot, which trains nothing) is undefined."""
+        if not self.joint:
+            return "n/a"
+        return "n/a (not trained)" if self.strategy == "zeroshot" else "n/a (joint)"
+
     @property
     def matrices(self) -> np.ndarray:
         """(seeds, steps, tasks)."""
@@ -555,7 +562,7 @@ def _draw_comparison_columns(ax: Any, groups: Sequence[RunGroup], key: Metric) -
     for k, group in enumerate(groups):
         drawn = _group_values(group, key)
         if drawn.values.size == 0:
-            labels.append(f"{group.label}\nn/a{' (joint)' if group.joint else ''}\n{drawn.seeds}")
+            labels.append(f"{group.label}\n{group.missing_note()}\n{drawn.seeds}")
             continue
         _draw_group_point(ax, k, drawn, f"{key}|{group.label}", horizontal=False)
         labels.append(f"{group.label}\n{drawn.text}\n{drawn.seeds}")
@@ -577,8 +584,15 @@ def _draw_comparison_rows(
         drawn = _group_values(group, key)
         labels.append(f"{group.label} ({drawn.seeds})")
         if drawn.values.size == 0:
-            note = f"n/a{' (joint)' if group.joint else ''}"
-            ax.text(0.02, k, note, transform=row_start, va="center", color="0.35", fontsize=9)
+            ax.text(
+                0.02,
+                k,
+                group.missing_note(),
+                transform=row_start,
+                va="center",
+                color="0.35",
+                fontsize=9,
+            )
             continue
         _draw_group_point(ax, k, drawn, f"{key}|{group.label}", horizontal=True)
         ax.annotate(

@@ -205,6 +205,16 @@ def test_compare_of_many_strategies_draws_one_row_each(runs, tmp_path: Path) -> 
     assert fig.axes[0].get_xlabel() == "AA (%)"
 
 
+def test_zeroshot_has_no_forgetting_because_it_trains_nothing(runs, tmp_path: Path) -> None:
+    copy_run(runs["naive", 0], tmp_path)
+    copy_run(runs["joint", 0], tmp_path)
+    copy_run(runs["joint", 0], tmp_path, strategy="zeroshot")  # a one-row matrix, as joint's
+    fig = strategy_comparison(find_results([tmp_path]))
+    fm_ticks = [t.get_text() for t in fig.axes[1].get_xticklabels()]
+    assert any("n/a (not trained)" in tick for tick in fm_ticks if tick.startswith("zeroshot"))
+    assert any("n/a (joint)" in tick for tick in fm_ticks if tick.startswith("joint"))
+
+
 def test_plot_all_writes_valid_png_and_svg(finished_runs: Path, tmp_path: Path) -> None:
     written = plot([finished_runs], tmp_path / "out" / "fig.png", kind="all")
     assert [p.name for p in written] == ["fig-curves.png", "fig-heatmap.png", "fig-compare.png"]
