@@ -16,10 +16,10 @@ from typing import Literal
 from cmmm import running
 from cmmm.checkpoints import CHECKPOINT_FILE
 from cmmm.errors import DataError
-from cmmm.results import Results
+from cmmm.results import RESULTS_FILE, Results
 from cmmm.run_config import RunConfig
 
-# "missing": not finished and not run, because the comparison was asked for finished runs only.
+# "missing": not finished and not run, because only finished runs were asked for.
 Status = Literal["reused", "ran", "failed", "missing"]
 
 
@@ -51,7 +51,8 @@ def run_or_reuse(
     go on; an unreadable results file is run again. With ``run_missing`` False an unfinished
     run is only reported (``missing``).
     """
-    path = config.run_dir() / "results.json"
+    run_dir = config.run_dir()  # hashes the configuration: once
+    path = run_dir / RESULTS_FILE
     result = read_results(path)
     if result is not None:
         log(f"{label}: reusing {path}")
@@ -62,7 +63,7 @@ def run_or_reuse(
     if path.exists():
         log(f"{label}: {path} is unreadable; running again")
     # An interrupted run continues from its checkpoint (running.run refuses to start it over).
-    resume = (config.run_dir() / CHECKPOINT_FILE).exists()
+    resume = (run_dir / CHECKPOINT_FILE).exists()
     log(f"{label}: {'resuming' if resume else 'running'}")
     try:
         # Looked up at call time so that tests can replace cmmm.running.run.

@@ -100,10 +100,10 @@ class RunGroup:
 
     def missing_note(self) -> str:
         """What a panel says for a metric the group has no value of: FM of a one-row matrix
-        (joint training; zeroshot, which trains nothing) is undefined."""
+        (joint training, or the zero-shot reference, which trains nothing) is undefined."""
         if not self.joint:
             return "n/a"
-        return "n/a (not trained)" if self.strategy == "zeroshot" else "n/a (joint)"
+        return "n/a (joint)" if self.runs[0].strategy.trained else "n/a (not trained)"
 
     @property
     def matrices(self) -> np.ndarray:

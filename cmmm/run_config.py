@@ -216,7 +216,7 @@ class RunConfig:
 def complete(config: RunConfig) -> RunConfig:
     """A copy of ``config`` with every unset value filled from the stream's defaults (then the
     paper's), and the new defaults of the strategy's changed options under the options given
-    (``cmmm.running.changed_options``), checked: the configuration half of ``resolve``."""
+    (``changed_options``), checked: the configuration half of ``resolve``."""
     from cmmm.data.catalog import STREAMS
 
     defaults = {**PAPER_DEFAULTS, **STREAMS.get(config.stream).defaults}

@@ -208,7 +208,11 @@ def test_compare_of_many_strategies_draws_one_row_each(runs, tmp_path: Path) -> 
 def test_zeroshot_has_no_forgetting_because_it_trains_nothing(runs, tmp_path: Path) -> None:
     copy_run(runs["naive", 0], tmp_path)
     copy_run(runs["joint", 0], tmp_path)
-    copy_run(runs["joint", 0], tmp_path, strategy="zeroshot")  # a one-row matrix, as joint's
+    joint = runs["joint", 0]
+    untrained = dataclasses.replace(
+        joint, strategy=dataclasses.replace(joint.strategy, trains=False)
+    )
+    copy_run(untrained, tmp_path, strategy="zeroshot")  # a one-row matrix, as joint's
     fig = strategy_comparison(find_results([tmp_path]))
     fm_ticks = [t.get_text() for t in fig.axes[1].get_xticklabels()]
     assert any("n/a (not trained)" in tick for tick in fm_ticks if tick.startswith("zeroshot"))
