@@ -30,7 +30,14 @@ from cmmm.experiments import HEADROOM_STRATEGIES, collect_outcomes, strategies_e
 from cmmm.outcomes import RunOutcome
 from cmmm.run_config import RunConfig
 from cmmm.significance import difference_cell, paired_difference, significance_footer
-from cmmm.summary import Aggregate, aggregate, mean_spread, paired_differences
+from cmmm.summary import (
+    Aggregate,
+    aggregate,
+    mean_spread,
+    only_seeds,
+    paired_differences,
+    unpaired_note,
+)
 
 DEFAULT_REFERENCE = "naive"
 ZEROSHOT = "zeroshot"
@@ -178,6 +185,9 @@ class Comparison:
             lines.append("| " + " | ".join(cells) + " |")
         if differences:
             lines += ["", significance_footer(differences, self.reference or "")]
+            aggregates = {row.strategy: row.aggregate for row in self.rows}
+            if note := unpaired_note(aggregates, self.reference):
+                lines += ["", note]
         elif self.reference is not None:
             lines += [
                 "",
@@ -219,11 +229,17 @@ class Comparison:
         table: dict[str, dict[str, Any]] = {}
         if not codes:
             return [], {}
+        aggregates = {row.strategy: row.aggregate for row in self.rows}
+        zeroshot = aggregates.get(ZEROSHOT)
         for strategy, by_code in finals.items():
             if strategy == ZEROSHOT:
                 continue
+            found = aggregates.get(strategy)
+            # Seeds that started from another backbone than zeroshot's do not pair.
+            seeds = found.pairable_seeds(zeroshot) if found and zeroshot else set()
             table[strategy] = {
-                code: paired_difference(by_code.get(code, {}), reference[code]) for code in codes
+                code: paired_difference(only_seeds(by_code.get(code, {}), seeds), reference[code])
+                for code in codes
             }
         return codes, table
 

@@ -79,7 +79,7 @@ from cmmm.significance import (
     verdict,
     verdict_footer,
 )
-from cmmm.summary import SeedStatistics, paired_differences
+from cmmm.summary import SeedStatistics, paired_differences, unpaired_note
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -401,6 +401,9 @@ def markdown_table(
         failures += [f"- {row.label} seed {o.seed}: {o.error}" for o in failed]
     if differences:
         lines += ["", significance_footer(differences, reference or "")]
+        rows = {row.label: _statistics(outcomes[row.label]) for row in experiment.rows}
+        if note := unpaired_note(rows, reference):
+            lines += ["", note]
     if verdicts:
         found_verdicts = {label: found for label, (_, found) in verdicts.items()}
         lines += ["", verdict_footer(found_verdicts, reference or "")]

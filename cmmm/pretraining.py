@@ -53,6 +53,21 @@ def backbone_config_for(dataset: MultimodalDataset, **overrides: Any) -> MulTCon
     return MulTConfig(output_dim=output_dim, **overrides)
 
 
+def weights_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of a model's weights (names, shapes, dtypes and values, in name order).
+
+    Pre-training is deterministic on one machine but not across CPUs (their float kernels sum
+    in different orders), so the same key can name different backbones on two machines: runs
+    record this to pair only with runs that started from the very same weights.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        values = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(values.shape)}:{values.dtype};".encode())
+        digest.update(values.numpy().tobytes())
+    return digest.hexdigest()
+
+
 def pretrained_backbone(
     stream: MissingModalityStream,
     config: MulTConfig,
@@ -84,7 +99,11 @@ def pretrained_backbone(
         try:
             saved = torch.load(path, map_location=device, weights_only=True)
             model.load_state_dict(saved["state_dict"])
-            record.update(cached=True, valid_loss=saved["valid_loss"])
+            record.update(
+                cached=True,
+                valid_loss=saved["valid_loss"],
+                weights_sha256=weights_fingerprint(model),
+            )
             log(f"pre-trained backbone: reusing {path}")
             return model, record
         except Exception as error:  # a damaged cache is rebuilt, never fatal
@@ -108,5 +127,5 @@ def pretrained_backbone(
     # No epochs: the backbone stays at its seeded initialisation and has no validation loss.
     loss = "none (0 epochs)" if valid_loss is None else f"{valid_loss:.4f}"
     log(f"pre-trained backbone: best valid loss {loss}, saved {path}")
-    record.update(cached=False, valid_loss=valid_loss)
+    record.update(cached=False, valid_loss=valid_loss, weights_sha256=weights_fingerprint(model))
     return model, record

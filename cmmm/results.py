@@ -326,6 +326,27 @@ class Validation:
 
 
 @dataclass(frozen=True)
+class BackboneIdentity:
+    """Which pre-trained backbone a run started from, as its ``pretraining`` record says.
+
+    The cache key names how a backbone was made, not the weights it got: pre-training is
+    deterministic on one machine but not across CPUs, so a key can stand for different weights
+    on two machines. Runs record the weights' SHA-256 since it was added; older runs are told
+    apart by their key and best validation loss (equal losses to the last bit with different
+    weights are not a practical case).
+    """
+
+    key: str | None
+    valid_loss: float | None
+    weights_sha256: str | None
+
+    def same_as(self, other: BackboneIdentity) -> bool:
+        if self.weights_sha256 and other.weights_sha256:
+            return self.weights_sha256 == other.weights_sha256
+        return (self.key, self.valid_loss) == (other.key, other.valid_loss)
+
+
+@dataclass(frozen=True)
 class Results:
     """One finished run, key for key what its ``results.json`` holds (see docs/outputs.md)."""
 
@@ -371,6 +392,16 @@ class Results:
     @property
     def task_names(self) -> list[str]:
         return [task.name for task in self.stream.tasks]
+
+    @property
+    def backbone(self) -> BackboneIdentity:
+        record = self.pretraining
+        loss = record.get("valid_loss")
+        return BackboneIdentity(
+            key=record.get("key"),
+            valid_loss=float(loss) if _is_number(loss) else None,
+            weights_sha256=record.get("weights_sha256"),
+        )
 
     @property
     def task_codes(self) -> list[str]:

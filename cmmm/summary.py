@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self
 
-from cmmm.results import Results
+from cmmm.results import BackboneIdentity, Results
 from cmmm.run_config import ADDED_SETTINGS
 from cmmm.significance import Interval, half_width, interval_cell, paired_difference
 
@@ -58,6 +58,8 @@ class SeedStatistics:
     aa_by_seed: dict[int, float] = field(default_factory=dict)
     # Held-out pattern code -> its final accuracy, one per seed that has it.
     held_out_finals: dict[str, list[float]] = field(default_factory=dict)
+    # Each seed's pre-trained backbone: runs pair only when they started from the same one.
+    backbone_by_seed: dict[int, BackboneIdentity] = field(default_factory=dict)
 
     @classmethod
     def of(cls, results: Sequence[Results], **extra: Any) -> Self:
@@ -89,8 +91,24 @@ class SeedStatistics:
             ),
             aa_by_seed={r.seed: r.aa for r in results if r.aa is not None},
             held_out_finals=held_out_finals,
+            backbone_by_seed={r.seed: r.backbone for r in results},
             **extra,
         )
+
+    def pairable_seeds(self, reference: SeedStatistics) -> set[int]:
+        """The seeds both rows ran from the same pre-trained backbone: what pairs with
+        ``reference``. (The same seed on another machine may have got other weights.)"""
+        return {
+            seed
+            for seed, backbone in self.backbone_by_seed.items()
+            if seed in reference.backbone_by_seed
+            and backbone.same_as(reference.backbone_by_seed[seed])
+        }
+
+    def unpairable_seeds(self, reference: SeedStatistics) -> list[int]:
+        """The seeds both rows finished but from different pre-trained backbones."""
+        both = set(self.backbone_by_seed) & set(reference.backbone_by_seed)
+        return sorted(both - self.pairable_seeds(reference))
 
     def mean(self, metric: str) -> float | None:
         values = getattr(self, metric)
@@ -141,15 +159,44 @@ def paired_differences(
     (None for the reference itself and where no seed pairs); empty when the reference is not a
     row with a finished run."""
     found = rows.get(reference) if reference is not None else None
-    by_seed = found.aa_by_seed if found is not None else {}
-    if not by_seed:
+    if found is None or not found.aa_by_seed:
         return {}
     return {
         label: None
-        if label == reference
-        else paired_difference({} if stats is None else stats.aa_by_seed, by_seed)
+        if label == reference or stats is None
+        else paired_difference(
+            only_seeds(stats.aa_by_seed, stats.pairable_seeds(found)), found.aa_by_seed
+        )
         for label, stats in rows.items()
     }
+
+
+def only_seeds(by_seed: Mapping[int, float], seeds: set[int]) -> dict[int, float]:
+    return {seed: value for seed, value in by_seed.items() if seed in seeds}
+
+
+def unpaired_note(rows: Mapping[str, SeedStatistics | None], reference: str | None) -> str:
+    """A sentence naming the rows' seeds left out of the paired column because they ran from a
+    different pre-trained backbone than the reference's run of that seed (e.g. runs made on
+    another machine); empty when every seed pairs."""
+    found = rows.get(reference) if reference is not None else None
+    if found is None:
+        return ""
+    unpaired = {
+        label: seeds
+        for label, stats in rows.items()
+        if label != reference and stats is not None and (seeds := stats.unpairable_seeds(found))
+    }
+    if not unpaired:
+        return ""
+    listed = "; ".join(
+        f"{label} seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+        for label, seeds in unpaired.items()
+    )
+    return (
+        f"Not paired with {reference} (their run of the same seed started from a different "
+        f"pre-trained backbone, e.g. one made on another machine): {listed}."
+    )
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from cmmm.experiments import HEADROOM_STRATEGIES, Experiment, collect_outcomes, 
 from cmmm.outcomes import RunOutcome
 from cmmm.run_config import RunConfig
 from cmmm.significance import Interval, difference_cell, paired_difference
-from cmmm.summary import SeedStatistics
+from cmmm.summary import SeedStatistics, only_seeds
 
 # A study's default: three seeds, enough to see a clear winner; claims still need five.
 DEFAULT_TUNE_SEEDS = [0, 1, 2]
@@ -111,8 +111,12 @@ class Candidate:
     stats: SeedStatistics
 
     def valid_difference(self, chosen: Candidate) -> tuple[Interval, list[int]] | None:
-        """This candidate's validation AA minus the chosen one's, paired over common seeds."""
-        return paired_difference(self.stats.valid_aa_by_seed, chosen.stats.valid_aa_by_seed)
+        """This candidate's validation AA minus the chosen one's, paired over the seeds both
+        ran from the same pre-trained backbone."""
+        seeds = self.stats.pairable_seeds(chosen.stats)
+        return paired_difference(
+            only_seeds(self.stats.valid_aa_by_seed, seeds), chosen.stats.valid_aa_by_seed
+        )
 
 
 def rank_on_validation(

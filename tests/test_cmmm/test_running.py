@@ -248,6 +248,9 @@ def test_pretrained_checkpoint_is_cached_and_reused(tiny_config, monkeypatch) ->
     assert second["cached"] is True
     assert second["checkpoint"] == first["checkpoint"]
     assert second["valid_loss"] == pytest.approx(first["valid_loss"])
+    # The weights' fingerprint is the same whether the backbone was trained or read back.
+    assert len(first["weights_sha256"]) == 64
+    assert second["weights_sha256"] == first["weights_sha256"]
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
@@ -262,6 +265,7 @@ def test_pretrained_checkpoint_is_cached_and_reused(tiny_config, monkeypatch) ->
     assert reseeded["checkpoint"] != first["checkpoint"]
     assert Path(first["checkpoint"]).is_file() and Path(reseeded["checkpoint"]).is_file()
     assert any(not torch.equal(states[0][k], states[-1][k]) for k in states[0])
+    assert reseeded["weights_sha256"] != first["weights_sha256"]
 
 
 # --------------------------------------------------------------------------------------------
