@@ -2,11 +2,11 @@
 
 Every row of a comparison runs the same seeds, and a seed fixes the pre-trained backbone and the
 data order every strategy starts from, so two rows pair seed by seed (on one machine: runs from
-different pre-trained weights are left out of the pairs, ``SeedStatistics.pairable_seeds``).
-For a row's AA over n seeds the interval is mean ± t(0.975, n - 1) * s / sqrt(n) (Student t, s the sample standard
-deviation). Against the reference, the same interval is taken of the per-seed differences
-(row - reference) over the seeds both finished: the difference is *significant* when that
-interval excludes 0 (a paired t-test at the 5 % level, two-sided). With one seed there is no
+different pre-trained weights are left out of the pairs, ``SeedStatistics.pairable_seeds``). For a
+row's AA over n seeds the interval is mean ± t(0.975, n - 1) * s / sqrt(n) (Student t, s the sample
+standard deviation). Against the reference, the same interval is taken of the per-seed differences
+(row - reference) over the seeds both finished: the difference is *significant* when that interval
+excludes 0 (a paired t-test at the 5 % level, two-sided). With one seed there is no
 interval, and nothing is called significant.
 
 The t quantile comes from scipy when it is installed; otherwise from the table below (exact to
