@@ -349,8 +349,10 @@ def markdown_table(
         header[3:3] = ["AA held-out (%)", "held-out cases"]
     if valid:
         header.insert(3, "AA valid (%)")
-    differences = row_differences(experiment, outcomes)
     reference = experiment.reference_label()
+    # Once per row: the paired column and the note on unpaired seeds read the same statistics.
+    row_stats = {row.label: _statistics(outcomes[row.label]) for row in experiment.rows}
+    differences = paired_differences(row_stats, reference)
     if differences:
         header.insert(header.index("trainable"), f"AA − {reference} (paired)")
     if has_paper:
@@ -401,8 +403,7 @@ def markdown_table(
         failures += [f"- {row.label} seed {o.seed}: {o.error}" for o in failed]
     if differences:
         lines += ["", significance_footer(differences, reference or "")]
-        rows = {row.label: _statistics(outcomes[row.label]) for row in experiment.rows}
-        if note := unpaired_note(rows, reference):
+        if note := unpaired_note(row_stats, reference):
             lines += ["", note]
     if verdicts:
         found_verdicts = {label: found for label, (_, found) in verdicts.items()}
